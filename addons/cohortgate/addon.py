@@ -1,0 +1,392 @@
+"""The mitmproxy addon: thin hooks that run the gate's decision and record it.
+
+requestheaders: extract the token, verify it, check revocation and binding, admit the
+cohort of the current phase, scrub and stamp the headers. request: the checks that need the
+body (model). responseheaders: stream SSE through. response / error: the log line.
+
+The gate fails closed. A request is forwarded only when `request` finds it admitted by this
+addon; any exception answers 500 `internal_error` (mitmproxy's own default would be to log the
+exception and forward the request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import ctx
+from mitmproxy import exceptions
+from mitmproxy import http
+from mitmproxy.proxy import commands
+from mitmproxy.proxy import events
+from mitmproxy.proxy import layer
+from mitmproxy.proxy.layers import ClientTLSLayer
+from mitmproxy.utils import asyncio_utils
+
+from cohortgate import errorpage
+from cohortgate.policy import admit_cohort
+from cohortgate.policy import check_binding
+from cohortgate.policy import check_model
+from cohortgate.policy import check_revocation
+from cohortgate.policy import parse_json_body
+from cohortgate.reasons import Denial
+from cohortgate.reasons import InternalError
+from cohortgate.reasons import InvalidRequest
+from cohortgate.reasons import MissingToken
+from cohortgate.reasons import ModelNotApproved
+from cohortgate.reasons import error_body
+from cohortgate.runtime import Runtime
+from cohortgate.verify import Approval
+from cohortgate.verify import extract_token
+
+logger = logging.getLogger("cohortgate")
+
+META = "cohortgate"
+RELOAD_INTERVAL = 0.25  # seconds between checks of the config, trust store and revocation files
+
+# Headers whose removal would break the request's framing or routing.
+_PROTECTED = frozenset({"host", "content-length", "transfer-encoding"})
+# Visible ASCII except '%', which is escaped so that the encoding can be reversed.
+_VISIBLE = frozenset(range(0x21, 0x7F)) - {ord("%")}
+
+
+def header_value(text: str) -> str:
+    """Percent-encode (UTF-8) every byte outside visible ASCII, and '%' itself."""
+    raw = text.encode()
+    if all(b in _VISIBLE for b in raw):
+        return text
+    return "".join(chr(b) if b in _VISIBLE else f"%{b:02X}" for b in raw)
+
+
+def is_gate_header(name: str) -> bool:
+    """`x-cohortgate-*` in any case, with `_` for `-` (some servers treat them alike)."""
+    return name.lower().replace("_", "-").startswith("x-cohortgate-")
+
+
+def headers_to_drop(names: list[str], connection: list[str], token_header: str | None) -> set[str]:
+    """Lower-cased names to remove before forwarding: spoofed gate headers, the ones the client
+    declared hop-by-hop in `Connection`, and the approval token."""
+    drop = {n.lower() for n in names if is_gate_header(n)}
+    for value in connection:
+        drop.update(part.strip().lower() for part in value.split(","))
+    if token_header is not None:
+        drop.add(token_header.lower())
+    drop.discard("")
+    return drop - _PROTECTED
+
+
+def rfc3339_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def path_without_query(path: str) -> str:
+    """The query string is never logged: a client may have put a token there."""
+    return path.split("?", 1)[0]
+
+
+@dataclass(slots=True)
+class FlowRecord:
+    """What the gate learnt about one request, kept in `flow.metadata[META]`."""
+
+    request_id: str
+    started: float
+    client_request_id: str | None
+    approval: Approval | None = None
+    phase: str | None = None
+    admitted: bool = False  # the header checks passed
+    forwarded: bool = False  # every check passed; the request went upstream
+    logged: bool = False
+    model: str | None = None
+    stream: bool | None = None
+
+
+class RefuseTls(layer.Layer):
+    """Closes a connection that opens with a TLS ClientHello on a plain-HTTP listener.
+
+    Otherwise mitmproxy would answer it with a certificate from its own CA.
+    """
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start):
+            yield commands.Log("cohortgate: TLS refused on a plain-HTTP listener", logging.INFO)
+            yield commands.CloseConnection(self.context.client)
+
+
+class CohortGate:
+    """Admits only approved customers of the current release phase; logs every decision."""
+
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        self.runtime = runtime
+        self._reloader: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def load(self, loader: Any) -> None:
+        errorpage.install()
+        loader.add_option(
+            "cohortgate_config",
+            str,
+            "",
+            """
+            Path of the cohortgate TOML config. Required when the addon runs inside mitmdump
+            (`cohortgate serve` passes its config directly).
+            """,
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "cohortgate_config" not in updated:
+            return
+        path = ctx.options.cohortgate_config
+        if not path:
+            if self.runtime is None:
+                logger.error("cohortgate_config is not set: every request is refused (500)")
+            return
+        if self.runtime is not None:
+            self.runtime.close()  # frees the decision log's lock for the new runtime
+            self.runtime = None
+        try:
+            self.runtime = Runtime.start(Path(path))
+        except (ValueError, RuntimeError) as e:
+            raise exceptions.OptionsError(f"cohortgate: {e}") from e
+
+    def running(self) -> None:
+        if self._reloader is None:
+            self._reloader = asyncio_utils.create_task(
+                self._reload_forever(), name="cohortgate-reload", keep_ref=True
+            )
+
+    def done(self) -> None:
+        if self._reloader is not None:
+            self._reloader.cancel()
+            self._reloader = None
+        if self.runtime is not None:
+            self.runtime.close()
+
+    async def _reload_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL)
+            if self.runtime is not None:
+                # stat() of three small files: cheap enough for the event loop
+                self.runtime.poll()
+
+    # ---- connection ------------------------------------------------------------------
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        rt = self.runtime
+        if rt is not None and rt.config.tls_cert is not None:
+            return
+        if _stack_has_client_tls(nextlayer.layer):
+            nextlayer.layer = RefuseTls(nextlayer.context)
+
+    # ---- request ---------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error:
+            return
+        rec = FlowRecord(
+            request_id=str(uuid.uuid4()),
+            started=time.perf_counter(),
+            client_request_id=flow.request.headers.get("x-request-id"),
+        )
+        flow.metadata[META] = rec
+        try:
+            self._admit_headers(flow, rec)
+        except Denial as denial:
+            self._deny(flow, rec, denial)
+        except Exception:
+            logger.exception("cohortgate: internal error in requestheaders")
+            self._deny(flow, rec, InternalError())
+
+    def _admit_headers(self, flow: http.HTTPFlow, rec: FlowRecord) -> None:
+        rt = self.runtime
+        if rt is None:
+            raise InternalError("no configuration is loaded")
+        cfg = rt.config
+        headers = flow.request.headers
+        now = time.time()
+        phase = cfg.phase_at(now)
+        rec.phase = phase.name if phase else None
+
+        token = extract_token(headers.get_all(cfg.token.header), bearer=cfg.token.bearer)
+        approval = rt.verifier.verify(token, now)
+        rec.approval = approval
+        check_revocation(approval, rt.revocations)
+        check_binding(approval, headers.get_all("authorization"), bearer=cfg.token.bearer)
+        admit_cohort(phase, approval)
+
+        drop = headers_to_drop(
+            list(headers.keys()),
+            headers.get_all("connection"),
+            None if cfg.token.forward else cfg.token.header,
+        )
+        for name in drop:
+            headers.pop(name, None)
+        headers["X-Cohortgate-Customer"] = header_value(approval.sub)
+        headers["X-Cohortgate-Cohort"] = header_value(approval.cohort)
+        headers["X-Cohortgate-Decision"] = "approved"
+        headers["X-Request-Id"] = rec.request_id
+        rec.admitted = True
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error:
+            return
+        rec = flow.metadata.get(META)
+        if not isinstance(rec, FlowRecord):
+            # requestheaders did not run for this flow: never forward what we did not check
+            rec = FlowRecord(str(uuid.uuid4()), time.perf_counter(), None)
+            flow.metadata[META] = rec
+        try:
+            if not rec.admitted or rec.approval is None:
+                raise InternalError("the request was not admitted by the header checks")
+            self._check_body(flow, rec, rec.approval)
+            rec.forwarded = True
+        except Denial as denial:
+            self._deny(flow, rec, denial)
+        except Exception:
+            logger.exception("cohortgate: internal error in request")
+            self._deny(flow, rec, InternalError())
+
+    def _check_body(self, flow: http.HTTPFlow, rec: FlowRecord, approval: Approval) -> None:
+        content_type = flow.request.headers.get("content-type", "")
+        body: dict[str, Any] | None = None
+        if "json" in content_type.lower():
+            try:
+                raw = flow.request.get_content(strict=True)
+            except ValueError as e:
+                raise InvalidRequest("the body's content-encoding does not decode") from e
+            body = parse_json_body(raw or b"")
+        elif approval.models is not None and flow.request.raw_content:
+            raise ModelNotApproved("the model of a non-JSON body cannot be checked")
+        if body is not None:
+            model = body.get("model")
+            rec.model = model if isinstance(model, str) else None
+            rec.stream = body.get("stream") is True
+        check_model(approval, body)
+
+    # ---- response --------------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        rec = flow.metadata.get(META)
+        if not isinstance(rec, FlowRecord) or flow.response is None:
+            return
+        flow.response.headers["X-Request-Id"] = rec.request_id
+        if rec.forwarded and flow.response.headers.get("content-type", "").startswith(
+            "text/event-stream"
+        ):
+            flow.response.stream = True
+            rec.stream = True
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        rec = flow.metadata.get(META)
+        if not isinstance(rec, FlowRecord) or rec.logged or flow.response is None:
+            return
+        if rec.forwarded:
+            status = flow.response.status_code
+            self._log(flow, rec, "allow", "approved", status,
+                      upstream_status=status, outcome="complete")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        rec = flow.metadata.get(META)
+        if not isinstance(rec, FlowRecord) or rec.logged:
+            return
+        msg = flow.error.msg if flow.error else ""
+        if not rec.forwarded:
+            if "body_size_limit" in msg:
+                self._log(flow, rec, "deny", "body_too_large", 413)
+            else:  # the client left before the gate decided
+                self._log(flow, rec, "deny", "aborted", None, outcome="aborted")
+            return
+        resp = flow.response
+        upstream_status = resp.status_code if resp is not None else None
+        if resp is None and not flow.server_conn.timestamp_tcp_setup:
+            self._log(flow, rec, "allow", "upstream_unavailable", 502, outcome="upstream_error")
+        elif "client" in msg.lower():
+            self._log(flow, rec, "allow", "approved", upstream_status,
+                      upstream_status=upstream_status, outcome="aborted")
+        else:
+            self._log(flow, rec, "allow", "upstream_unavailable",
+                      upstream_status if upstream_status is not None else 502,
+                      upstream_status=upstream_status, outcome="upstream_error")
+
+    # ---- decisions -------------------------------------------------------------------
+
+    def _deny(self, flow: http.HTTPFlow, rec: FlowRecord, denial: Denial) -> None:
+        headers = {"content-type": "application/json", "x-request-id": rec.request_id}
+        if not denial.retryable:
+            headers["x-should-retry"] = "false"
+        if denial.status == 401:
+            challenge = 'Bearer realm="cohortgate"'
+            if not isinstance(denial, MissingToken):
+                challenge += ', error="invalid_token"'
+            headers["www-authenticate"] = challenge
+        flow.response = http.Response.make(
+            denial.status,
+            error_body(denial.code, denial.status, denial.public_message()),
+            headers,
+        )
+        self._log(flow, rec, "deny", denial.code, denial.status, detail=denial.detail or None)
+
+    def _log(
+        self,
+        flow: http.HTTPFlow,
+        rec: FlowRecord,
+        decision: str,
+        reason: str,
+        status: int | None,
+        *,
+        upstream_status: int | None = None,
+        outcome: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        rec.logged = True
+        rt = self.runtime
+        if rt is None:
+            logger.error("decision not logged (no configuration): %s %s", decision, reason)
+            return
+        approval = rec.approval
+        peer = flow.client_conn.peername
+        record: dict[str, Any] = {
+            "ts": rfc3339_now(),
+            "request_id": rec.request_id,
+            "decision": decision,
+            "reason": reason,
+            "status": status,
+            "customer": approval.sub if approval else None,
+            "cohort": approval.cohort if approval else None,
+            "jti": approval.jti if approval else None,
+            "kid": approval.kid if approval else None,
+            "phase": rec.phase,
+            "method": flow.request.method,
+            "path": path_without_query(flow.request.path),
+            "model": rec.model,
+            "client": peer[0] if peer else None,
+            "stream": rec.stream,
+            "upstream_status": upstream_status,
+            "prompt_tokens": None,
+            "completion_tokens": None,
+            "latency_ms": round((time.perf_counter() - rec.started) * 1000, 3),
+            "outcome": outcome,
+            "client_request_id": rec.client_request_id,
+        }
+        if detail:
+            record["detail"] = detail
+        try:
+            rt.log.write(record)
+        except Exception:
+            logger.exception("cohortgate: the decision log could not be written")
+
+
+def _stack_has_client_tls(top: layer.Layer | None) -> bool:
+    current = top
+    while current is not None:
+        if isinstance(current, ClientTLSLayer):
+            return True
+        current = getattr(current, "child_layer", None)
+    return False

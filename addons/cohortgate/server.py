@@ -1,0 +1,107 @@
+"""`cohortgate serve`: a lean mitmproxy master running the gate in reverse-proxy mode.
+
+Only the addons a gate needs are loaded (core, proxy server, layer selection, TLS, startup
+error check, the gate): stock mitmdump walks some thirty built-in addons on every hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from mitmproxy import options
+from mitmproxy.addons import core
+from mitmproxy.addons import errorcheck
+from mitmproxy.addons import next_layer
+from mitmproxy.addons import proxyserver
+from mitmproxy.addons import tlsconfig
+from mitmproxy.master import Master
+
+from cohortgate.addon import CohortGate
+from cohortgate.runtime import Runtime
+
+logger = logging.getLogger("cohortgate")
+
+# A reasoning model can think for minutes before its first byte; mitmproxy's default idle
+# timeout (600 s) would cut such a stream.
+IDLE_TIMEOUT = 3600
+
+
+def proxy_options(runtime: Runtime, confdir: Path) -> options.Options:
+    cfg = runtime.config
+    host, port = cfg.listen
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return options.Options(
+        mode=[f"reverse:{cfg.upstream}@{listen}"],
+        confdir=str(confdir),
+    )
+
+
+def settings(runtime: Runtime) -> dict[str, object]:
+    """The mitmproxy options the gate relies on (applied after the addons declared them)."""
+    cfg = runtime.config
+    values: dict[str, object] = {
+        # nothing reaches the upstream before the gate has decided
+        "connection_strategy": "lazy",
+        "body_size_limit": str(cfg.body_limit),
+        # an HTTP/2 listener would answer upstream errors with mitmproxy's own page
+        "http2": False,
+        "tcp_timeout": IDLE_TIMEOUT,
+    }
+    if cfg.tls_cert is not None and cfg.tls_key is not None:
+        values["certs"] = [f"*={combined_pem(cfg.tls_cert, cfg.tls_key)}"]
+    return values
+
+
+def combined_pem(cert: Path, key: Path) -> str:
+    """mitmproxy wants the key and the chain in one PEM file; write it next to neither."""
+    try:
+        data = key.read_bytes() + b"\n" + cert.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{e.filename}: cannot read: {e.strerror}") from e
+    handle = tempfile.NamedTemporaryFile(prefix="cohortgate-tls-", suffix=".pem", delete=False)  # noqa: SIM115
+    with handle:
+        handle.write(data)
+    Path(handle.name).chmod(0o600)
+    return handle.name
+
+
+async def run(runtime: Runtime) -> int:
+    """Serve until SIGINT or SIGTERM. Returns the process exit code."""
+    with tempfile.TemporaryDirectory(prefix="cohortgate-mitmproxy-") as confdir:
+        master = Master(proxy_options(runtime, Path(confdir)))
+        master.addons.add(
+            core.Core(),
+            proxyserver.Proxyserver(),
+            next_layer.NextLayer(),
+            tlsconfig.TlsConfig(),
+            errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
+            CohortGate(runtime),
+        )
+        master.options.update(**settings(runtime))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, master.shutdown)
+        cfg = runtime.config
+        logger.info(
+            "cohortgate serving http://%s:%d -> %s (decision log: %s)",
+            *cfg.listen,
+            cfg.upstream,
+            cfg.log.decisions or "stdout",
+        )
+        await master.run()
+    return 0
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # mitmproxy logs every connection at INFO: noise, and a cost per request
+    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
