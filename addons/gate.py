@@ -11,6 +11,6 @@ from pathlib import Path
 # so that a checkout works without `pip install`
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cohortgate.addon import CohortGate  # noqa: E402
+from cohortgate.addon import CohortGate
 
 addons = [CohortGate()]

@@ -123,6 +123,18 @@ class TestWriter:
     def test_sanitise(self, key: str, value: Any, expected: Any) -> None:
         assert sanitise(key, value) == expected
 
+    def test_lines_are_strict_json(self, tmp_path: Path) -> None:
+        def refuse(constant: str) -> None:
+            raise ValueError(constant)
+
+        path = tmp_path / "d.jsonl"
+        with DecisionLog(path) as log:
+            log.write(record(1, latency_ms=float("nan"), extra=float("-inf"), model=b"\xff"))
+        obj = json.loads(path.read_text(), parse_constant=refuse)
+        assert obj["latency_ms"] is None
+        assert obj["extra"] is None
+        assert obj["model"] == "b'\\xff'"
+
     @pytest.mark.parametrize(
         "hostile",
         [

@@ -44,11 +44,13 @@ TAIL_LEN = 75  # len(',"hash":"') + 64 + len('"}')
 
 _FIELD_SET = frozenset(FIELDS)
 _RESERVED = frozenset(("seq", "hash"))
+_KEPT = frozenset((type(None), bool, int))  # values written as they are
 _TAIL = re.compile(r',"hash":"([0-9a-f]{64})"\}')
 _SEQ_GUESS = re.compile(rb'"seq":(\d{1,20})')
 _MAX_LINE = 1 << 20  # a longer "line" is not ours; stop looking for its start
-# One encoder, built once: json.dumps() with arguments builds a new one on every call.
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+# One encoder, built once (json.dumps() with arguments builds one per call); values are
+# flat scalars after sanitise(), so the circular-reference bookkeeping is not needed.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, check_circular=False).encode
 
 
 class LogInUse(RuntimeError):
@@ -230,7 +232,15 @@ class DecisionLog:
         line cannot be written (nothing of it is left in the file), LogError if the file
         cannot be rotated afterwards (the line is written; the next write tries again).
         """
-        obj = {key: sanitise(key, record.get(key)) for key in FIELDS}
+        obj: dict[str, Any] = {}
+        get = record.get
+        for key in FIELDS:  # sanitise() inlined for the common values: this is the hot path
+            value: Any = get(key)
+            cls = value.__class__
+            if cls in _KEPT or (cls is str and len(value) <= MAX_STR):
+                obj[key] = value
+            else:
+                obj[key] = sanitise(key, value)
         if not _FIELD_SET.issuperset(record):
             for key in sorted(k for k in record if k not in _FIELD_SET and k not in _RESERVED):
                 obj[key] = sanitise(key, record[key])

@@ -153,12 +153,10 @@ def inspect_verdict(token: str, cfg: Config, now: float) -> tuple[str, str, str]
 
 
 def cmd_token_inspect(args: argparse.Namespace) -> int:
-    token = args.token
-    if token == "-":
-        token = sys.stdin.read()
+    token: str = sys.stdin.read() if args.token == "-" else args.token  # noqa: S105 ("-": stdin)
     token = token.strip()
     if token.lower().startswith("bearer "):
-        token = token[7:].strip()
+        token = token.removeprefix(token[:7]).strip()
     parts = token.split(".")
     try:
         header, claims = _b64json(parts[0]), _b64json(parts[1])

@@ -51,7 +51,8 @@ def json_error_response(status_code: int, message: str = "") -> bytes:
             X_Should_Retry="false",
         ),
     )
-    return http1.assemble_response(resp)
+    raw: bytes = http1.assemble_response(resp)
+    return raw
 
 
 def install() -> None:

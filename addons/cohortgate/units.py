@@ -136,7 +136,7 @@ def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         raise ValueError(f"duration must be finite, got {seconds}")
     # round() first: 2.007 * 1000 is 2007.0000000000002 in floating point, not 2008 ms.
-    millis = max(0, math.ceil(seconds * 1000))
+    millis = max(0, math.ceil(round(seconds * 1000, 6)))
     if millis == 0:
         return "0s"
     if millis < 1000:
