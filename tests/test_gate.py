@@ -404,3 +404,42 @@ def _payload(token: str) -> str:
     import base64
     seg = token.split(".")[1]
     return base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4)).decode()
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return tmp / "cert.pem", tmp / "key.pem"
+
+
+def test_tls_listener_serves_the_operators_certificate(gate_factory: Any,
+                                                       tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    gate: Gate = gate_factory(extra_top=f'tls_cert = "{cert}"\ntls_key = "{key}"')
+    client = openai.OpenAI(base_url=f"https://localhost:{gate.port}/v1", max_retries=0,
+                           api_key=gate.authority.issue(),
+                           http_client=openai.DefaultHttpxClient(verify=ssl.create_default_context(
+                               cafile=str(cert))))
+    assert client.chat.completions.create(model="gpt-5.6", messages=MESSAGES).choices

@@ -118,11 +118,10 @@ def _read_last_line(fd: int, size: int) -> bytes:
         chunk = min(chunk * 4, _MAX_LINE)
 
 
-def _resume_point(path: Path) -> tuple[int, str, Path | None]:
-    """(seq, hash, file) of the last line written at `path` or, if it is empty, in the
-    newest rotated sibling; (0, GENESIS, None) for a new log. LogError if it is not ours."""
-    candidates = rotated_files(path)
-    for file in reversed(candidates):
+def _resume_point(path: Path) -> tuple[int, str]:
+    """(seq, hash) of the last line written at `path` or, if it is empty, in the newest
+    rotated sibling; (0, GENESIS) for a new log. LogError if that line is not ours."""
+    for file in reversed(rotated_files(path)):
         try:
             fd = os.open(file, os.O_RDONLY)
         except OSError as e:
@@ -144,8 +143,8 @@ def _resume_point(path: Path) -> tuple[int, str, Path | None]:
                 f"{file}: cannot continue the hash chain, the last line is broken ({why}); "
                 f"run `cohortgate audit verify {file}`, then move the file aside"
             ) from None
-        return seq, digest, file
-    return 0, GENESIS, None
+        return seq, digest
+    return 0, GENESIS
 
 
 def rotated_files(path: Path) -> list[Path]:
@@ -193,7 +192,7 @@ class DecisionLog:
         except OSError as e:
             raise LogError(f"{path}: cannot open: {e.strerror or e}") from e
         try:
-            self._seq, self._hash, _ = _resume_point(path)
+            self._seq, self._hash = _resume_point(path)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             self._size = os.fstat(self._fd).st_size
         except OSError as e:

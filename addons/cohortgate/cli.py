@@ -57,8 +57,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runtime = Runtime.start(Path(args.config), upstream=args.upstream, listen=args.listen)
     except (ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from e
+    from mitmproxy.exceptions import OptionsError
+
     try:
         return asyncio.run(run(runtime))
+    except (ValueError, OptionsError) as e:  # e.g. an unreadable TLS certificate
+        raise UsageError(str(e)) from e
     finally:
         runtime.close()
 

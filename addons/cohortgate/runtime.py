@@ -42,6 +42,15 @@ def is_url(source: str) -> bool:
     return source.startswith("https://")
 
 
+def warn_unenforced(config: Config) -> None:
+    """Say which parts of a valid config this release does not enforce yet."""
+    for phase in config.phases:
+        if phase.unapproved is not None:
+            logger.warning(
+                "phase %r: the unapproved quota is not enforced yet (it needs the rate "
+                "limiter); callers without an admitted approval are blocked", phase.name)
+
+
 @dataclass
 class Runtime:
     config: Config
@@ -65,6 +74,7 @@ class Runtime:
                 f"{config_path}: authority.jwks: an https:// trust store is not supported yet; "
                 "give a file path"
             )
+        warn_unenforced(config)
         store = load_trust_store(config.authority.jwks)
         for why in store.skipped:
             logger.warning("trust store %s: skipped a key: %s", store.source, why)
@@ -113,6 +123,7 @@ class Runtime:
         except ValueError as e:
             logger.error("config reload failed, keeping the last good config: %s", e)
             return False
+        warn_unenforced(new)
         restart = self.config.reload_requires_restart(new)
         if new.log != self.config.log:
             restart.append("log")

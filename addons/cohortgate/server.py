@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -41,7 +42,7 @@ def proxy_options(runtime: Runtime, confdir: Path) -> options.Options:
     )
 
 
-def settings(runtime: Runtime) -> dict[str, object]:
+def settings(runtime: Runtime, confdir: Path) -> dict[str, object]:
     """The mitmproxy options the gate relies on (applied after the addons declared them)."""
     cfg = runtime.config
     values: dict[str, object] = {
@@ -53,21 +54,22 @@ def settings(runtime: Runtime) -> dict[str, object]:
         "tcp_timeout": IDLE_TIMEOUT,
     }
     if cfg.tls_cert is not None and cfg.tls_key is not None:
-        values["certs"] = [f"*={combined_pem(cfg.tls_cert, cfg.tls_key)}"]
+        values["certs"] = [f"*={combined_pem(cfg.tls_cert, cfg.tls_key, confdir)}"]
     return values
 
 
-def combined_pem(cert: Path, key: Path) -> str:
-    """mitmproxy wants the key and the chain in one PEM file; write it next to neither."""
+def combined_pem(cert: Path, key: Path, confdir: Path) -> Path:
+    """mitmproxy wants the key and the chain in one PEM file: write it into its private,
+    temporary confdir (0700), which is removed when the server stops."""
     try:
         data = key.read_bytes() + b"\n" + cert.read_bytes()
     except OSError as e:
         raise ValueError(f"{e.filename}: cannot read: {e.strerror}") from e
-    handle = tempfile.NamedTemporaryFile(prefix="cohortgate-tls-", suffix=".pem", delete=False)  # noqa: SIM115
-    with handle:
-        handle.write(data)
-    Path(handle.name).chmod(0o600)
-    return handle.name
+    path = confdir / "listener.pem"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
 
 
 async def run(runtime: Runtime) -> int:
@@ -82,13 +84,14 @@ async def run(runtime: Runtime) -> int:
             errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
             CohortGate(runtime),
         )
-        master.options.update(**settings(runtime))
+        master.options.update(**settings(runtime, Path(confdir)))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, master.shutdown)
         cfg = runtime.config
         logger.info(
-            "cohortgate serving http://%s:%d -> %s (decision log: %s)",
+            "cohortgate serving %s://%s:%d -> %s (decision log: %s)",
+            "https" if cfg.tls_cert else "http",
             *cfg.listen,
             cfg.upstream,
             cfg.log.decisions or "stdout",
