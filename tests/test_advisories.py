@@ -44,6 +44,8 @@ from cohortgate.reasons import InvalidIssuer
 from cohortgate.reasons import InvalidSignature
 from cohortgate.reasons import LifetimeTooLong
 from cohortgate.reasons import MalformedToken
+from cohortgate.reasons import TokenExpired
+from cohortgate.reasons import TokenNotYetValid
 from cohortgate.reasons import TokenTooLarge
 from cohortgate.reasons import UnknownKey
 from cohortgate.verify import MAX_TOKEN_BYTES
@@ -625,6 +627,25 @@ def test_huge_integer_dates_are_too_long_not_a_crash(changes: dict[str, Any]) ->
     found = refused(token(**changes))
     assert type(found) is LifetimeTooLong
     assert len(found.detail) < 100
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"exp": -(10**400), "iat": -(10**400) - 60}, TokenExpired),
+        ({"nbf": 10**400}, TokenNotYetValid),
+        ({"iat": 10**400, "exp": 10**400 + 60}, TokenNotYetValid),
+        ({"exp": -(2**1100), "iat": -(2**1100) - 60}, TokenExpired),
+    ],
+    ids=["exp_huge_negative", "nbf_huge", "iat_huge", "exp_beyond_float"],
+)
+def test_huge_integer_dates_do_not_overflow_the_detail(
+    changes: dict[str, Any], reason: type[Denial]
+) -> None:
+    """A huge int minus a float raises OverflowError; that would be a 500, not a 401."""
+    found = refused(token(**changes))
+    assert type(found) is reason
+    assert "more than 10^12 s" in found.detail
 
 
 @pytest.mark.parametrize(

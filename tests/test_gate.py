@@ -85,9 +85,28 @@ class TestApproved:
                 arrivals.append(time.monotonic())
         sent = gate.upstream.event_sent_at
         assert len(arrivals) == 5
-        # the first content chunk is relayed long before the upstream writes the next one
-        assert arrivals[0] < sent[2] - 0.2
+        # the first event (role + first word) is relayed long before the upstream writes the
+        # second one, 400 ms later
+        assert arrivals[0] < sent[1] - 0.3
         assert arrivals[1] - arrivals[0] > 0.3  # and nothing was coalesced
+
+    def test_client_leaving_mid_stream_is_logged_as_aborted(self, gate: Gate) -> None:
+        gate.upstream.interval = 0.3
+        token = gate.authority.issue()
+        body = json.dumps({"model": "gpt-5.6", "messages": MESSAGES, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", gate.port), 5) as s:
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nAuthorization: Bearer "
+                + token.encode()
+                + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+                + body
+            )
+            received = b""
+            while b"data: " not in received:
+                received += s.recv(65536)
+        line = gate.wait_log(1)[-1]
+        assert (line["decision"], line["outcome"], line["status"]) == ("allow", "aborted", 200)
 
     def test_client_request_id_is_logged_never_trusted(self, gate: Gate) -> None:
         token = gate.authority.issue()

@@ -220,7 +220,12 @@ def test_optional_claims_absent_are_none() -> None:
 
 @pytest.mark.parametrize(
     ("limits", "expected"),
-    [({"rpm": 7}, (7, None)), ({"tpm": 900}, (None, 900)), ({"tpm": 1, "rpm": 2}, (2, 1))],
+    [
+        ({"rpm": 7}, (7, None)),
+        ({"tpm": 900}, (None, 900)),
+        ({"tpm": 1, "rpm": 2}, (2, 1)),
+        ({"tpm": 2**53 - 1}, (None, 2**53 - 1)),
+    ],
 )
 def test_limits_each_optional(limits: dict[str, int], expected: tuple[Any, Any]) -> None:
     approval = VERIFIER.verify(token(limits=limits), NOW)
@@ -292,6 +297,7 @@ REASONS: list[tuple[str, str, type[Denial], str]] = [
     ("limits_float", token(limits={"rpm": 1.5}), InvalidClaim, "limits"),
     ("limits_bool", token(limits={"rpm": True}), InvalidClaim, "limits"),
     ("limits_null", token(limits=None), InvalidClaim, "limits"),
+    ("limits_beyond_ijson", token(limits={"tpm": 2**53}), InvalidClaim, "limits"),
     ("models_string", token(models="gpt-5.6"), InvalidClaim, "models"),
     ("models_empty", token(models=[]), InvalidClaim, "models"),
     ("models_empty_name", token(models=["gpt-5.6", ""]), InvalidClaim, "models"),

@@ -198,9 +198,7 @@ def _jwk_public_key(jwk: Mapping[str, Any]) -> PublicKey:
     if kty == "RSA":
         n = int.from_bytes(_jwk_bytes(jwk, "n"), "big")
         e = int.from_bytes(_jwk_bytes(jwk, "e"), "big")
-        if n.bit_length() < MIN_RSA_BITS:
-            raise ValueError(f"RSA key is {n.bit_length()} bits; at least {MIN_RSA_BITS} required")
-        return rsa.RSAPublicNumbers(e, n).public_key()
+        return rsa.RSAPublicNumbers(e, n).public_key()  # key_type() refuses a weak one
     raise ValueError("kty is not OKP, EC or RSA")
 
 
@@ -221,9 +219,9 @@ def _trusted_key(jwk: Any) -> TrustedKey:
     kid = jwk.get("kid")
     if not isinstance(kid, str) or not kid:
         raise ValueError("has no kid")
-    secret = next((m for m in _SECRET_MEMBERS if m in jwk), None)
     if jwk.get("kty") == "oct":
         raise ValueError("is a symmetric (kty oct) key; only asymmetric keys are trusted")
+    secret = next((m for m in _SECRET_MEMBERS if m in jwk), None)
     if secret is not None:
         raise ValueError(f"holds private key material ({secret!r}); publish the public key only")
     if jwk.get("use", "sig") != "sig":
@@ -394,10 +392,16 @@ def rotate_keys(dir: Path, alg: str | None = None, kid: str | None = None) -> tu
 
 @contextlib.contextmanager
 def _locked(dir: Path) -> Iterator[None]:
-    """Serialise key operations on one directory (read-modify-write of jwks.json)."""
-    with open(dir / ".jwks.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    """Serialise key operations on one directory (read-modify-write of jwks.json).
+
+    The lock is on the directory itself, so no lock file is left among the keys.
+    """
+    fd = os.open(dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _read_jwks_document(path: Path) -> dict[str, Any]:

@@ -100,8 +100,16 @@ async def run(runtime: Runtime) -> int:
     return 0
 
 
+def _not_shutdown_noise(record: logging.LogRecord) -> bool:
+    """Python 3.12's asyncio logs a CancelledError for every connection still open when the
+    server stops; that is the shutdown working, not an error."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, asyncio.CancelledError)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_not_shutdown_noise)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

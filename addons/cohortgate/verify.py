@@ -45,6 +45,8 @@ REQUIRED_CLAIMS = ("iss", "aud", "sub", "cohort", "jti", "exp", "iat")
 # Header members that change how the signature is computed; we implement neither, so refuse.
 _REFUSED_HEADERS = ("crit", "b64")
 _LIMIT_NAMES = frozenset({"rpm", "tpm"})
+# I-JSON (RFC 7493): larger integers are not interoperable; the limiter computes in floats.
+_MAX_SAFE_INTEGER = 2**53 - 1
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _ABSENT: Any = object()  # an optional claim that is not there (JSON null is not "absent")
 
@@ -85,7 +87,7 @@ def extract_token(values: Sequence[str], *, bearer: bool) -> str:
     if not bearer:
         return value
     scheme, _, token = value.partition(" ")
-    if not (scheme.isascii() and scheme.lower() == "bearer"):
+    if scheme.lower() != "bearer":
         raise MissingToken("Authorization carries no Bearer token")
     token = token.lstrip(" ")
     if not token:
@@ -137,10 +139,10 @@ class Verifier:
         if key_algorithms is None:
             raise UnknownKey("kid names no key in the trust store")
 
-        verifier = key_algorithms.get(alg)
-        if verifier is None:
+        entry = key_algorithms.get(alg)
+        if entry is None:
             raise AlgorithmNotAllowed("alg does not fit the key that kid names")
-        implementation, key = verifier
+        implementation, key = entry
         try:
             valid = implementation.verify(signing_input, key, signature)
         except ValueError:
@@ -159,17 +161,19 @@ class Verifier:
             raise InvalidIssuer("iss is not authority.issuer")
         if not (aud == self._audience if type(aud) is str else self._audience in aud):
             raise InvalidAudience("aud does not name authority.audience")
+        # The claims are unbounded ints: compare them with floats (exact in Python), but
+        # subtract only ints, as a huge int minus a float overflows.
         exp, iat, nbf = approval.exp, approval.iat, approval.nbf
         if exp - iat > self._max_lifetime:
             raise LifetimeTooLong(
                 f"exp - iat is {_seconds(exp - iat)}; the maximum is {_seconds(self._max_lifetime)}"
             )
         if exp <= now - self._leeway:
-            raise TokenExpired(f"exp is {_seconds(now - exp)} in the past")
+            raise TokenExpired(f"exp is {_seconds(int(now) - exp)} in the past")
         if nbf is not None and nbf > now + self._leeway:
-            raise TokenNotYetValid(f"nbf is {_seconds(nbf - now)} in the future")
+            raise TokenNotYetValid(f"nbf is {_seconds(nbf - int(now))} in the future")
         if iat > now + self._leeway:
-            raise TokenNotYetValid(f"iat is {_seconds(iat - now)} in the future")
+            raise TokenNotYetValid(f"iat is {_seconds(iat - int(now))} in the future")
         return approval
 
 
@@ -271,7 +275,7 @@ def _limits(limits: object) -> tuple[int | None, int | None]:
         type(limits) is not dict
         or not limits
         or not limits.keys() <= _LIMIT_NAMES
-        or not all(type(v) is int and v > 0 for v in limits.values())
+        or not all(type(v) is int and 0 < v <= _MAX_SAFE_INTEGER for v in limits.values())
     ):
         raise InvalidClaim("limits")
     return limits.get("rpm"), limits.get("tpm")
