@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from cohortgate.config import Phase
+from cohortgate.keys import DuplicateMemberError
+from cohortgate.keys import loads_strict
 from cohortgate.reasons import BindingMismatch
 from cohortgate.reasons import CohortNotAdmitted
 from cohortgate.reasons import CustomerRevoked
@@ -45,29 +47,11 @@ class Revocations:
 NO_REVOCATIONS = Revocations()
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise DuplicateJsonMember(f"member {key[:40]!r} appears twice")
-        obj[key] = value
-    return obj
-
-
-def loads_strict(data: bytes | str) -> Any:
-    """json.loads that refuses duplicate member names (DuplicateJsonMember) and NaN/Infinity."""
-
-    def no_constants(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
-    return json.loads(data, object_pairs_hook=_reject_duplicates, parse_constant=no_constants)
-
-
 def parse_revocations(data: bytes, source: str) -> Revocations:
     """The revocation file's JSON; ValueError naming the source and the problem."""
     try:
         doc = loads_strict(data)
-    except (ValueError, DuplicateJsonMember, RecursionError) as e:
+    except ValueError as e:
         raise ValueError(f"{source}: not valid JSON: {e}") from e
     if not isinstance(doc, dict):
         raise ValueError(f"{source}: expected a JSON object with 'jti' and 'customers'")
@@ -202,10 +186,10 @@ def parse_json_body(body: bytes) -> dict[str, Any] | None:
         return None
     try:
         doc = loads_strict(body)
-    except DuplicateJsonMember:
-        raise
-    except (ValueError, RecursionError) as e:
-        raise InvalidRequest("the body is not valid JSON") from e
+    except DuplicateMemberError as e:
+        raise DuplicateJsonMember() from e
+    except ValueError as e:
+        raise InvalidRequest("the body is not valid UTF-8 JSON") from e
     if not isinstance(doc, dict):
         raise InvalidRequest("the body is not a JSON object")
     return doc

@@ -39,6 +39,7 @@ from cohortgate.reasons import TokenTooLarge
 from cohortgate.reasons import UnknownKey
 
 MAX_TOKEN_BYTES = 8192
+MAX_JSON_DEPTH = 16  # an approval nests 3 levels (claims, limits/cnf/models); JOSE headers 2
 _BEARER_PREFIX = len("Bearer ")
 
 REQUIRED_CLAIMS = ("iss", "aud", "sub", "cohort", "jti", "exp", "iat")
@@ -216,7 +217,25 @@ def _json_object(segment: str, what: str) -> dict[str, Any]:
         raise MalformedToken(f"the {what} is not strict UTF-8 JSON") from None
     if type(value) is not dict:
         raise MalformedToken(f"the {what} is not a JSON object")
+    if _too_deep(value):
+        raise MalformedToken(f"the {what} nests deeper than {MAX_JSON_DEPTH} levels")
     return value
+
+
+def _too_deep(value: dict[str, Any]) -> bool:
+    """Whether JSON nests past MAX_JSON_DEPTH. The parser's own limit is Python's recursion
+    limit, which differs between versions (3.13 parses 2500 levels); ours does not."""
+    level: list[Any] = [value]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if type(node) is dict else node)
+            if type(child) is dict or type(child) is list
+        ]
+        if not level:
+            return False
+    return True
 
 
 def _text(value: object) -> bool:
