@@ -73,7 +73,8 @@ def upstream() -> Iterator[StandinUpstream]:
 
 
 def config_text(*, upstream: str, port: int, jwks: Path, workdir: Path,
-                extra_top: str = "", phases: str | None = None, token: str = "") -> str:
+                extra_top: str = "", phases: str | None = None, token: str = "",
+                sections: str = "") -> str:
     if phases is None:
         phases = """
 [[phases]]
@@ -109,6 +110,8 @@ file = "{workdir / "revocations.json"}"
 
 [log]
 decisions = "{workdir / "decisions.jsonl"}"
+
+{sections}
 """
 
 

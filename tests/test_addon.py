@@ -81,12 +81,12 @@ def flow_with(headers: dict[str, str]) -> http.HTTPFlow:
 
 
 class TestCohortGate:
-    def test_admitted_flow_goes_on(self, runtime: Runtime, authority: Authority) -> None:
+    async def test_admitted_flow_goes_on(self, runtime: Runtime, authority: Authority) -> None:
         gate = CohortGate(runtime)
         with taddons.context(gate):
             f = flow_with({"Authorization": f"Bearer {authority.issue()}"})
             gate.requestheaders(f)
-            gate.request(f)
+            await gate.request(f)
             assert f.response is None
             assert f.metadata["cohortgate"].forwarded
 
@@ -108,20 +108,20 @@ class TestCohortGate:
             assert f.response.headers["x-should-retry"] == "false"
             assert "boom" not in (f.response.text or "")
 
-    def test_request_hook_refuses_a_flow_the_header_hook_never_saw(
+    async def test_request_hook_refuses_a_flow_the_header_hook_never_saw(
             self, runtime: Runtime) -> None:
         gate = CohortGate(runtime)
         with taddons.context(gate):
             f = flow_with({})
-            gate.request(f)
+            await gate.request(f)
             assert f.response is not None and f.response.status_code == 500
 
-    def test_request_hook_refuses_a_flow_not_admitted(self, runtime: Runtime) -> None:
+    async def test_request_hook_refuses_a_flow_not_admitted(self, runtime: Runtime) -> None:
         gate = CohortGate(runtime)
         with taddons.context(gate):
             f = flow_with({})
             f.metadata["cohortgate"] = FlowRecord("id", 0.0, None)
-            gate.request(f)
+            await gate.request(f)
             assert f.response is not None and f.response.status_code == 500
 
     def test_unconfigured_addon_refuses_everything(self, authority: Authority) -> None:

@@ -236,7 +236,14 @@ def test_accepted_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     "backend",
-    ["memory", "redis://127.0.0.1:6379/0", "redis://localhost", "unix:///run/redis.sock"],
+    [
+        "memory",
+        "redis://127.0.0.1:6379/0",
+        "redis://localhost",
+        "unix:///run/redis.sock",
+        "redis+cluster://10.0.0.1:7000",
+        "rediss+cluster://:secret@redis.internal:7000/0",
+    ],
 )
 def test_backends_accepted(backend: str) -> None:
     assert parse_config(document({"ratelimit.backend": backend})).ratelimit.backend == backend
@@ -527,6 +534,8 @@ def test_paths_need_not_exist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
         ({"ratelimit.backend": "redis://h:99999/0"}, "ratelimit.backend", "invalid port"),
         ({"ratelimit.backend": "redis://h/zero"}, "ratelimit.backend", "database number"),
         ({"ratelimit.backend": "unix://"}, "ratelimit.backend", "no socket path"),
+        ({"ratelimit.backend": "redis+cluster://h:7000/1"}, "ratelimit.backend", "database 0"),
+        ({"ratelimit.backend": "redis+sentinel://h"}, "ratelimit.backend", "got redis+sentinel"),
         ({"ratelimit.backend": ""}, "ratelimit.backend", "must not be empty"),
         ({"ratelimit.on_error": "fail"}, "ratelimit.on_error", "local, open, closed"),
         ({"ratelimit.on_error": 1}, "ratelimit.on_error", "expected a string"),

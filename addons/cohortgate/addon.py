@@ -12,7 +12,9 @@ exception and forward the request).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,18 +33,33 @@ from mitmproxy.proxy.layers import ClientTLSLayer
 from mitmproxy.utils import asyncio_utils
 
 from cohortgate import errorpage
+from cohortgate.config import Phase
+from cohortgate.config import Quota
+from cohortgate.limiter import Decision
+from cohortgate.limiter import LimiterUnavailable
 from cohortgate.policy import admit_cohort
 from cohortgate.policy import check_binding
 from cohortgate.policy import check_model
-from cohortgate.policy import check_revocation
+from cohortgate.policy import limits_for
 from cohortgate.policy import parse_json_body
+from cohortgate.reasons import CohortNotAdmitted
 from cohortgate.reasons import Denial
 from cohortgate.reasons import InternalError
 from cohortgate.reasons import InvalidRequest
 from cohortgate.reasons import MissingToken
 from cohortgate.reasons import ModelNotApproved
+from cohortgate.reasons import RateLimitedRequests
+from cohortgate.reasons import RateLimitedTokens
+from cohortgate.reasons import RatelimitUnavailable
 from cohortgate.reasons import error_body
 from cohortgate.runtime import Runtime
+from cohortgate.units import format_duration
+from cohortgate.usage import SseUsage
+from cohortgate.usage import Usage
+from cohortgate.usage import request_usage
+from cohortgate.usage import reserve_tokens
+from cohortgate.usage import usage_from_json
+from cohortgate.usage import wants_usage
 from cohortgate.verify import Approval
 from cohortgate.verify import extract_token
 
@@ -82,6 +99,28 @@ def headers_to_drop(names: list[str], connection: list[str], token_header: str |
     return drop - _PROTECTED
 
 
+def ratelimit_headers(decision: Decision) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for a limiter decision."""
+    req, tok = decision.requests, decision.tokens
+    return {
+        "x-ratelimit-limit-requests": str(req.limit),
+        "x-ratelimit-remaining-requests": str(req.remaining),
+        "x-ratelimit-reset-requests": format_duration(req.reset),
+        "x-ratelimit-limit-tokens": str(tok.limit),
+        "x-ratelimit-remaining-tokens": str(tok.remaining),
+        "x-ratelimit-reset-tokens": format_duration(tok.reset),
+    }
+
+
+def retry_headers(retry_after: float) -> dict[str, str]:
+    """Retry-After in whole seconds (at least 1) and OpenAI's retry-after-ms."""
+    wait = min(retry_after, 60.0)  # a request that can never fit is told a minute
+    return {
+        "retry-after": str(max(1, math.ceil(wait))),
+        "retry-after-ms": str(max(1, math.ceil(wait * 1000))),
+    }
+
+
 def rfc3339_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -105,6 +144,15 @@ class FlowRecord:
     logged: bool = False
     model: str | None = None
     stream: bool | None = None
+    # rate limiting: who is charged, under which quota, and what was reserved
+    limit_key: str | None = None
+    quota: Quota | None = None
+    unapproved: bool = False  # admitted under the phase's quota for callers without approval
+    reserved: int = 0
+    prompt_estimate: int = 0
+    decision: Decision | None = None
+    hide_usage: bool = False  # we asked a stream for its usage; the client did not
+    sse: SseUsage | None = None
 
 
 class RefuseTls(layer.Layer):
@@ -156,18 +204,20 @@ class CohortGate:
         except (ValueError, RuntimeError) as e:
             raise exceptions.OptionsError(f"cohortgate: {e}") from e
 
-    def running(self) -> None:
+    async def running(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.open()
         if self._reloader is None:
             self._reloader = asyncio_utils.create_task(
                 self._reload_forever(), name="cohortgate-reload", keep_ref=True
             )
 
-    def done(self) -> None:
+    async def done(self) -> None:
         if self._reloader is not None:
             self._reloader.cancel()
             self._reloader = None
         if self.runtime is not None:
-            self.runtime.close()
+            await self.runtime.aclose()
 
     async def _reload_forever(self) -> None:
         while True:
@@ -214,12 +264,27 @@ class CohortGate:
         phase = cfg.phase_at(now)
         rec.phase = phase.name if phase else None
 
-        token = extract_token(headers.get_all(cfg.token.header), bearer=cfg.token.bearer)
-        approval = rt.verifier.verify(token, now)
-        rec.approval = approval
-        check_revocation(approval, rt.revocations)
-        check_binding(approval, headers.get_all("authorization"), bearer=cfg.token.bearer)
-        admit_cohort(phase, approval)
+        try:
+            token = extract_token(headers.get_all(cfg.token.header), bearer=cfg.token.bearer)
+        except MissingToken:
+            if phase is None or phase.unapproved is None:
+                raise
+            peer = flow.client_conn.peername
+            self._admit_unapproved(rec, phase, f"u:ip:{peer[0] if peer else '-'}")
+        else:
+            approval = rt.verify(token, now)
+            rec.approval = approval
+            rt.check_revocation(approval)
+            check_binding(approval, headers.get_all("authorization"), bearer=cfg.token.bearer)
+            try:
+                admit_cohort(phase, approval)
+            except CohortNotAdmitted:
+                if phase is None or phase.unapproved is None:
+                    raise
+                self._admit_unapproved(rec, phase, f"u:sub:{approval.sub}")
+            else:
+                rec.limit_key = f"a:{approval.sub}"
+                rec.quota = limits_for(approval, cfg.limits)
 
         drop = headers_to_drop(
             list(headers.keys()),
@@ -228,13 +293,23 @@ class CohortGate:
         )
         for name in drop:
             headers.pop(name, None)
-        headers["X-Cohortgate-Customer"] = header_value(approval.sub)
-        headers["X-Cohortgate-Cohort"] = header_value(approval.cohort)
-        headers["X-Cohortgate-Decision"] = "approved"
+        if rec.approval is not None:
+            headers["X-Cohortgate-Customer"] = header_value(rec.approval.sub)
+            headers["X-Cohortgate-Cohort"] = header_value(rec.approval.cohort)
+        headers["X-Cohortgate-Decision"] = "unapproved_quota" if rec.unapproved else "approved"
         headers["X-Request-Id"] = rec.request_id
         rec.admitted = True
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    @staticmethod
+    def _admit_unapproved(rec: FlowRecord, phase: Phase, key: str) -> None:
+        """A caller without an admitted approval, under a phase that throttles rather than
+        blocks them: limited by its verified customer id, else by its address."""
+        assert phase.unapproved is not None
+        rec.unapproved = True
+        rec.limit_key = key
+        rec.quota = phase.unapproved
+
+    async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
             return
         rec = flow.metadata.get(META)
@@ -243,9 +318,11 @@ class CohortGate:
             rec = FlowRecord(str(uuid.uuid4()), time.perf_counter(), None)
             flow.metadata[META] = rec
         try:
-            if not rec.admitted or rec.approval is None:
+            rt = self.runtime
+            if not rec.admitted or rt is None or rec.limit_key is None or rec.quota is None:
                 raise InternalError("the request was not admitted by the header checks")
-            self._check_body(flow, rec, rec.approval)
+            body = self._check_body(flow, rec)
+            await self._charge(rt, rec, body)
             rec.forwarded = True
         except Denial as denial:
             self._deny(flow, rec, denial)
@@ -253,7 +330,9 @@ class CohortGate:
             logger.exception("cohortgate: internal error in request")
             self._deny(flow, rec, InternalError())
 
-    def _check_body(self, flow: http.HTTPFlow, rec: FlowRecord, approval: Approval) -> None:
+    def _check_body(self, flow: http.HTTPFlow, rec: FlowRecord) -> dict[str, Any] | None:
+        """The JSON body, read once; the model check; `include_usage` for streams."""
+        approval = rec.approval
         content_type = flow.request.headers.get("content-type", "")
         body: dict[str, Any] | None = None
         if "json" in content_type.lower():
@@ -262,13 +341,44 @@ class CohortGate:
             except ValueError as e:
                 raise InvalidRequest("the body's content-encoding does not decode") from e
             body = parse_json_body(raw or b"")
-        elif approval.models is not None and flow.request.raw_content:
+        elif approval is not None and approval.models is not None and flow.request.raw_content:
             raise ModelNotApproved("the model of a non-JSON body cannot be checked")
         if body is not None:
             model = body.get("model")
             rec.model = model if isinstance(model, str) else None
             rec.stream = body.get("stream") is True
-        check_model(approval, body)
+        if approval is not None:
+            check_model(approval, body)
+        if body is not None and rec.stream:
+            # the usage must come back to be settled; a client that did not ask for it
+            # does not see it (SseUsage drops that event again)
+            rec.hide_usage = not wants_usage(body)
+            if request_usage(body):
+                flow.request.content = json.dumps(body, separators=(",", ":")).encode()
+        return body
+
+    async def _charge(self, rt: Runtime, rec: FlowRecord, body: dict[str, Any] | None) -> None:
+        """Reserve the request's tokens before it is forwarded; refuse it when they do not fit."""
+        assert rec.limit_key is not None and rec.quota is not None
+        reservation = reserve_tokens(body)
+        tokens = reservation.total
+        if not _explicit_max_tokens(body):
+            # without a max_tokens the completion reserve is a guess: never let the guess
+            # alone make a request impossible
+            tokens = min(tokens, rec.quota.tpm)
+        rec.prompt_estimate = reservation.prompt
+        try:
+            decision = await rt.limiter.acquire(rec.limit_key, rec.quota, tokens)
+        except LimiterUnavailable as e:
+            raise RatelimitUnavailable() from e
+        rec.decision = decision
+        if not decision.allowed:
+            if decision.refused == "tokens":
+                raise RateLimitedTokens(
+                    f"{tokens} tokens reserved; {decision.tokens.remaining} left of "
+                    f"{decision.tokens.limit} per minute")
+            raise RateLimitedRequests(f"limit {decision.requests.limit} per minute")
+        rec.reserved = tokens
 
     # ---- response --------------------------------------------------------------------
 
@@ -276,26 +386,47 @@ class CohortGate:
         rec = flow.metadata.get(META)
         if not isinstance(rec, FlowRecord) or flow.response is None:
             return
-        flow.response.headers["X-Request-Id"] = rec.request_id
-        if rec.forwarded and flow.response.headers.get("content-type", "").startswith(
-            "text/event-stream"
-        ):
-            flow.response.stream = True
+        headers = flow.response.headers
+        headers["X-Request-Id"] = rec.request_id
+        if not rec.forwarded:
+            return
+        if rec.decision is not None:
+            for name, value in ratelimit_headers(rec.decision).items():
+                headers[name] = value  # the upstream's own are replaced
+        if headers.get("content-type", "").startswith("text/event-stream"):
             rec.stream = True
+            rec.sse = SseUsage(drop_usage_event=rec.hide_usage,
+                               prompt_estimate=rec.prompt_estimate)
+            flow.response.stream = rec.sse
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         rec = flow.metadata.get(META)
         if not isinstance(rec, FlowRecord) or rec.logged or flow.response is None:
             return
-        if rec.forwarded:
+        if not rec.forwarded:
+            return
+        try:
             status = flow.response.status_code
-            self._log(flow, rec, "allow", "approved", status,
-                      upstream_status=status, outcome="complete")
+            if rec.sse is not None:
+                usage = rec.sse.usage
+            else:
+                usage = usage_from_json(flow.response.content or b"")
+            await self._settle(rec, usage)
+            self._log(flow, rec, "allow", self._allow_reason(rec), status,
+                      upstream_status=status, outcome="complete", usage=usage)
+        except Exception:
+            logger.exception("cohortgate: internal error in response")
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    async def error(self, flow: http.HTTPFlow) -> None:
         rec = flow.metadata.get(META)
         if not isinstance(rec, FlowRecord) or rec.logged:
             return
+        try:
+            await self._log_error(flow, rec)
+        except Exception:
+            logger.exception("cohortgate: internal error in error")
+
+    async def _log_error(self, flow: http.HTTPFlow, rec: FlowRecord) -> None:
         msg = flow.error.msg if flow.error else ""
         if not rec.forwarded:
             if "body_size_limit" in msg:
@@ -305,15 +436,39 @@ class CohortGate:
             return
         resp = flow.response
         upstream_status = resp.status_code if resp is not None else None
+        reason = self._allow_reason(rec)
         if resp is None and not flow.server_conn.timestamp_tcp_setup:
+            # nothing reached the upstream: give the reserved tokens back
+            await self._settle(rec, Usage(0, 0, estimated=False))
             self._log(flow, rec, "allow", "upstream_unavailable", 502, outcome="upstream_error")
-        elif "client" in msg.lower():
-            self._log(flow, rec, "allow", "approved", upstream_status,
-                      upstream_status=upstream_status, outcome="aborted")
+            return
+        # an abort mid-stream: the usage if the upstream sent it, else the reservation stands
+        usage = rec.sse.usage if rec.sse is not None else None
+        settle = usage if usage is not None and not usage.estimated else None
+        await self._settle(rec, settle)
+        if "client" in msg.lower():
+            self._log(flow, rec, "allow", reason, upstream_status,
+                      upstream_status=upstream_status, outcome="aborted", usage=usage)
         else:
             self._log(flow, rec, "allow", "upstream_unavailable",
                       upstream_status if upstream_status is not None else 502,
-                      upstream_status=upstream_status, outcome="upstream_error")
+                      upstream_status=upstream_status, outcome="upstream_error", usage=usage)
+
+    async def _settle(self, rec: FlowRecord, usage: Usage | None) -> None:
+        """Charge the real usage instead of the reservation (None: the reservation stands)."""
+        rt, decision = self.runtime, rec.decision
+        if usage is None or rt is None or decision is None or rec.limit_key is None:
+            return
+        delta = usage.total - rec.reserved
+        if delta and rec.quota is not None:
+            try:
+                await rt.limiter.settle(rec.limit_key, rec.quota, delta, decision.backend)
+            except Exception as e:  # settling is best effort; the request is already served
+                logger.warning("cohortgate: could not settle %d tokens: %s", delta, e)
+
+    @staticmethod
+    def _allow_reason(rec: FlowRecord) -> str:
+        return "unapproved_quota" if rec.unapproved else "approved"
 
     # ---- decisions -------------------------------------------------------------------
 
@@ -326,6 +481,11 @@ class CohortGate:
             if not isinstance(denial, MissingToken):
                 challenge += ', error="invalid_token"'
             headers["www-authenticate"] = challenge
+        if isinstance(denial, (RateLimitedRequests, RateLimitedTokens)) and rec.decision:
+            headers.update(ratelimit_headers(rec.decision))
+            headers.update(retry_headers(rec.decision.retry_after))
+            if math.isinf(rec.decision.retry_after):
+                headers["x-should-retry"] = "false"  # it can never fit this quota
         flow.response = http.Response.make(
             denial.status,
             error_body(denial.code, denial.status, denial.public_message()),
@@ -344,6 +504,7 @@ class CohortGate:
         upstream_status: int | None = None,
         outcome: str | None = None,
         detail: str | None = None,
+        usage: Usage | None = None,
     ) -> None:
         rec.logged = True
         rt = self.runtime
@@ -369,18 +530,27 @@ class CohortGate:
             "client": peer[0] if peer else None,
             "stream": rec.stream,
             "upstream_status": upstream_status,
-            "prompt_tokens": None,
-            "completion_tokens": None,
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
             "latency_ms": round((time.perf_counter() - rec.started) * 1000, 3),
             "outcome": outcome,
             "client_request_id": rec.client_request_id,
         }
         if detail:
             record["detail"] = detail
+        if usage is not None and usage.estimated:
+            record["usage_estimated"] = True
         try:
             rt.log.write(record)
         except Exception:
             logger.exception("cohortgate: the decision log could not be written")
+
+
+def _explicit_max_tokens(body: dict[str, Any] | None) -> bool:
+    if body is None:
+        return False
+    return any(isinstance(body.get(k), int) for k in
+               ("max_tokens", "max_completion_tokens", "max_output_tokens"))
 
 
 def _stack_has_client_tls(top: layer.Layer | None) -> bool:

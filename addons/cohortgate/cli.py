@@ -22,6 +22,7 @@ from cohortgate.config import Config
 from cohortgate.config import ConfigError
 from cohortgate.config import describe
 from cohortgate.config import load_config
+from cohortgate.tail import add_parsers as add_tail_parsers
 from cohortgate.units import parse_duration
 
 DEFAULT_CONFIG = "config/cohortgate.toml"
@@ -188,15 +189,33 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     from cohortgate.policy import add_revocation
+    from cohortgate.policy import rfc3339_utc
 
     cfg = _config(args.config)
     path = cfg.revocation.file
+    at = rfc3339_utc()
     try:
-        added = add_revocation(path, jti=args.jti, customer=args.customer, reason=args.reason)
+        added = add_revocation(path, jti=args.jti, customer=args.customer, reason=args.reason,
+                               at=at)
     except (ValueError, OSError) as e:
         raise UsageError(f"{path}: {e}") from e
     what = f"jti {args.jti}" if args.jti is not None else f"customer {args.customer!r}"
     print(f"{what}: {'revoked' if added else 'already revoked'} in {path}")
+    if cfg.ratelimit.backend == "memory":
+        return EXIT_OK
+    from cohortgate.revocation_sync import publish_revocation
+
+    try:
+        shared = asyncio.run(publish_revocation(cfg.ratelimit.backend, jti=args.jti,
+                                                customer=args.customer, reason=args.reason,
+                                                at=at))
+    except Exception as e:  # the file has it; say plainly that the replicas may not yet
+        print(f"cohortgate: the revocation file has it, but Redis could not be reached: {e}; "
+              "replicas that do not read this file will not see it until Redis has it "
+              "(run the command again)", file=sys.stderr)
+        return EXIT_NEGATIVE
+    print(f"{what}: {'published' if shared else 'already'} in Redis: every replica applies it "
+          "within a second")
     return EXIT_OK
 
 
@@ -317,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8080)
     d.add_argument("--no-serve", action="store_true", help="exit after the three calls")
     d.set_defaults(func=cmd_demo)
+
+    add_tail_parsers(sub)  # tail, report
     return p
 
 

@@ -120,7 +120,7 @@ class LimitSettings:
 class RateLimitSettings:
     """Where the buckets live and what to do when that store fails."""
 
-    backend: str  # "memory" or a redis://, rediss:// or unix:// URL
+    backend: str  # "memory" or a redis[s]://, redis[s]+cluster:// or unix:// URL
     on_error: str  # "local" | "open" | "closed"
     timeout: float  # seconds
 
@@ -794,12 +794,15 @@ class _Parser:
         text = self.nonempty_string(value, key)
         if text == "memory":
             return text
-        expected = 'expected "memory" or a redis://, rediss:// or unix:// URL'
+        expected = (
+            'expected "memory" or a redis://, rediss://, unix://, redis+cluster:// or'
+            " rediss+cluster:// URL"
+        )
         if "://" not in text:
             raise self.error(key, f'{expected}, got "{text}"')
         parts = self.split_url(text, key)
         scheme = parts.scheme.lower()
-        if scheme not in ("redis", "rediss", "unix"):
+        if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
             raise self.error(key, f"{expected}, got {scheme}://")
         if any(c.isspace() for c in text):
             raise self.error(key, "must not contain whitespace")
@@ -817,6 +820,9 @@ class _Parser:
             raise self.error(
                 key, f"the path must be a database number, e.g. /0, got {parts.path!r}"
             )
+        # Redis Cluster has database 0 only.
+        if scheme.endswith("+cluster") and parts.path.strip("/") not in ("", "0"):
+            raise self.error(key, f"Redis Cluster has database 0 only, got {parts.path!r}")
         return text
 
     def revocation(self, table: Mapping[str, Any]) -> RevocationSettings:

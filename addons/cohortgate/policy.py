@@ -20,7 +20,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cohortgate.config import LimitSettings
 from cohortgate.config import Phase
+from cohortgate.config import Quota
 from cohortgate.keys import DuplicateMemberError
 from cohortgate.keys import loads_strict
 from cohortgate.reasons import BindingMismatch
@@ -94,7 +96,12 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def add_revocation(path: Path, *, jti: str | None, customer: str | None, reason: str) -> bool:
+def rfc3339_utc() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def add_revocation(path: Path, *, jti: str | None, customer: str | None, reason: str,
+                   at: str | None = None) -> bool:
     """Record a revocation in the file, atomically and under a lock.
 
     Returns False when it was already revoked (the file is left as it was).
@@ -113,8 +120,7 @@ def add_revocation(path: Path, *, jti: str | None, customer: str | None, reason:
         entries = doc.setdefault(section, {})
         if ident in entries:
             return False
-        at = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-        entries[ident] = {"reason": reason, "at": at}
+        entries[ident] = {"reason": reason, "at": at or rfc3339_utc()}
         doc.setdefault("jti", {})
         doc.setdefault("customers", {})
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -204,3 +210,10 @@ def check_model(approval: Approval, body: dict[str, Any] | None) -> None:
         raise ModelNotApproved("the request names no model")
     if model not in approval.models:
         raise ModelNotApproved(f"model {model[:80]!r} is not covered")
+
+
+def limits_for(approval: Approval, limits: LimitSettings) -> Quota:
+    """The approval's own limits where it names them, else the default; never above the max."""
+    rpm = approval.limit_rpm if approval.limit_rpm is not None else limits.default.rpm
+    tpm = approval.limit_tpm if approval.limit_tpm is not None else limits.default.tpm
+    return Quota(rpm=min(rpm, limits.max.rpm), tpm=min(tpm, limits.max.tpm))

@@ -18,8 +18,13 @@ from cohortgate.config import Config
 from cohortgate.config import load_config
 from cohortgate.keys import TrustStore
 from cohortgate.keys import load_trust_store
+from cohortgate.limiter import Limiter
+from cohortgate.limiter import make_limiter
 from cohortgate.policy import Revocations
+from cohortgate.policy import check_revocation
 from cohortgate.policy import load_revocations
+from cohortgate.revocation_sync import SharedRevocations
+from cohortgate.verify import Approval
 from cohortgate.verify import Verifier
 
 logger = logging.getLogger("cohortgate")
@@ -42,13 +47,8 @@ def is_url(source: str) -> bool:
     return source.startswith("https://")
 
 
-def warn_unenforced(config: Config) -> None:
-    """Say which parts of a valid config this release does not enforce yet."""
-    for phase in config.phases:
-        if phase.unapproved is not None:
-            logger.warning(
-                "phase %r: the unapproved quota is not enforced yet (it needs the rate "
-                "limiter); callers without an admitted approval are blocked", phase.name)
+def uses_redis(config: Config) -> bool:
+    return config.ratelimit.backend != "memory"
 
 
 @dataclass
@@ -56,8 +56,10 @@ class Runtime:
     config: Config
     store: TrustStore
     verifier: Verifier
-    revocations: Revocations
+    revocations: Revocations  # from the revocation file
     log: DecisionLog
+    limiter: Limiter
+    shared: SharedRevocations | None  # the revocations in Redis, when the backend is Redis
     stamps: dict[str, FileStamp] = field(default_factory=dict)
     # (upstream, listen, ...) keys changed on disk that only take effect after a restart
     pending_restart: list[str] = field(default_factory=list)
@@ -74,14 +76,22 @@ class Runtime:
                 f"{config_path}: authority.jwks: an https:// trust store is not supported yet; "
                 "give a file path"
             )
-        warn_unenforced(config)
         store = load_trust_store(config.authority.jwks)
         for why in store.skipped:
             logger.warning("trust store %s: skipped a key: %s", store.source, why)
         revocations = load_revocations(config.revocation.file)
         log = DecisionLog(config.log.decisions, config.log.rotate_bytes)
-        rt = cls(config, store, Verifier(config.authority, store), revocations, log,
-                 overrides=(upstream, listen))
+        try:
+            limiter = make_limiter(config.ratelimit)
+        except ValueError as e:
+            log.close()
+            raise ValueError(f"{config_path}: ratelimit.backend: {e}") from e
+        shared = None
+        if uses_redis(config):
+            shared = SharedRevocations(config.ratelimit.backend,
+                                       timeout=max(config.ratelimit.timeout, 1.0))
+        rt = cls(config, store, Verifier(config.authority, store), revocations, log, limiter,
+                 shared, overrides=(upstream, listen))
         rt.stamps = rt._current_stamps(config_path)
         return rt
 
@@ -123,10 +133,11 @@ class Runtime:
         except ValueError as e:
             logger.error("config reload failed, keeping the last good config: %s", e)
             return False
-        warn_unenforced(new)
         restart = self.config.reload_requires_restart(new)
         if new.log != self.config.log:
             restart.append("log")
+        if new.ratelimit != self.config.ratelimit:
+            restart.append("ratelimit")
         if restart:
             logger.warning(
                 "config reloaded; %s changed and take effect only after a restart",
@@ -163,5 +174,30 @@ class Runtime:
         logger.info("revocations reloaded: %d entries", len(revocations))
         return True
 
+    # ---- the request path -------------------------------------------------------------
+
+    def verify(self, token: str, now: float) -> Approval:
+        return self.verifier.verify(token, now)
+
+    def check_revocation(self, approval: Approval) -> None:
+        """The revocation file, then the local copy of Redis's list: no I/O."""
+        check_revocation(approval, self.revocations)
+        if self.shared is not None:
+            check_revocation(approval, self.shared.current)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Start what needs the event loop: the Redis revocation sync."""
+        if self.shared is not None:
+            await self.shared.start()
+
+    async def aclose(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()
+        await self.limiter.close()
+        self.log.close()
+
     def close(self) -> None:
+        """Synchronous close for when no event loop runs any more: the log only."""
         self.log.close()
