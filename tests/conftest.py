@@ -72,7 +72,7 @@ def upstream() -> Iterator[StandinUpstream]:
         yield up
 
 
-def config_text(*, upstream: str, port: int, jwks: Path, workdir: Path,
+def config_text(*, upstream: str, port: int, jwks: Path | str, workdir: Path,
                 extra_top: str = "", phases: str | None = None, token: str = "",
                 sections: str = "") -> str:
     if phases is None:
@@ -132,6 +132,12 @@ class Gate:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def admin_url(self) -> str:
+        import tomllib
+        host, port = tomllib.loads(self.config.read_text())["admin_listen"].rsplit(":", 1)
+        return f"http://{host}:{port}"
+
+    @property
     def log(self) -> Path:
         return self.workdir / "decisions.jsonl"
 
@@ -168,13 +174,14 @@ class Gate:
 
 
 def start_gate(tmp: Path, upstream: StandinUpstream, authority: Authority, *,
-               upstream_url: str | None = None, **config: Any) -> Gate:
+               upstream_url: str | None = None, jwks_url: str | None = None,
+               **config: Any) -> Gate:
     port = free_port()
     workdir = tmp / f"gate-{port}"
     workdir.mkdir(parents=True)
     path = workdir / "cohortgate.toml"
     path.write_text(config_text(upstream=upstream_url or upstream.url, port=port,
-                                jwks=authority.jwks, workdir=workdir, **config))
+                                jwks=jwks_url or authority.jwks, workdir=workdir, **config))
     proc = subprocess.Popen(
         [sys.executable, "-m", "cohortgate.cli", "serve", "--config", str(path)],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=workdir,
@@ -185,7 +192,9 @@ def start_gate(tmp: Path, upstream: StandinUpstream, authority: Authority, *,
     except Exception:
         proc.kill()
         raise
-    return Gate(port, path, workdir, proc, upstream, authority)
+    gate = Gate(port, path, workdir, proc, upstream, authority)
+    wait_listening(int(gate.admin_url.rsplit(":", 1)[1]), proc)
+    return gate
 
 
 @pytest.fixture

@@ -206,6 +206,8 @@ class CohortGate:
 
     async def running(self) -> None:
         if self.runtime is not None:
+            # malformed HTTP is answered by mitmproxy before any hook: count it there
+            self.runtime.metrics.set_proxy_error_source(lambda: errorpage.proxy_error_counts)
             await self.runtime.open()
         if self._reloader is None:
             self._reloader = asyncio_utils.create_task(
@@ -322,7 +324,7 @@ class CohortGate:
             if not rec.admitted or rt is None or rec.limit_key is None or rec.quota is None:
                 raise InternalError("the request was not admitted by the header checks")
             body = self._check_body(flow, rec)
-            await self._charge(rt, rec, body)
+            await self._charge(rt, rec, body, path_without_query(flow.request.path))
             rec.forwarded = True
         except Denial as denial:
             self._deny(flow, rec, denial)
@@ -357,10 +359,11 @@ class CohortGate:
                 flow.request.content = json.dumps(body, separators=(",", ":")).encode()
         return body
 
-    async def _charge(self, rt: Runtime, rec: FlowRecord, body: dict[str, Any] | None) -> None:
+    async def _charge(self, rt: Runtime, rec: FlowRecord, body: dict[str, Any] | None,
+                      path: str) -> None:
         """Reserve the request's tokens before it is forwarded; refuse it when they do not fit."""
         assert rec.limit_key is not None and rec.quota is not None
-        reservation = reserve_tokens(body)
+        reservation = reserve_tokens(body, path=path)
         tokens = reservation.total
         if not _explicit_max_tokens(body):
             # without a max_tokens the completion reserve is a guess: never let the guess
@@ -513,6 +516,7 @@ class CohortGate:
             return
         approval = rec.approval
         peer = flow.client_conn.peername
+        latency = time.perf_counter() - rec.started
         record: dict[str, Any] = {
             "ts": rfc3339_now(),
             "request_id": rec.request_id,
@@ -532,7 +536,7 @@ class CohortGate:
             "upstream_status": upstream_status,
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
-            "latency_ms": round((time.perf_counter() - rec.started) * 1000, 3),
+            "latency_ms": round(latency * 1000, 3),
             "outcome": outcome,
             "client_request_id": rec.client_request_id,
         }
@@ -543,7 +547,12 @@ class CohortGate:
         try:
             rt.log.write(record)
         except Exception:
+            rt.metrics.log_write_error()
             logger.exception("cohortgate: the decision log could not be written")
+        rt.metrics.record_decision(
+            decision=decision, reason=reason, phase=rec.phase, latency_s=latency,
+            upstream_status=upstream_status, cohort=approval.cohort if approval else None,
+            prompt_tokens=record["prompt_tokens"], completion_tokens=record["completion_tokens"])
 
 
 def _explicit_max_tokens(body: dict[str, Any] | None) -> bool:

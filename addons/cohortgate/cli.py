@@ -243,6 +243,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_NEGATIVE if problems else EXIT_OK
 
 
+def _recorded_head(path: Path) -> tuple[int, str]:
+    """The newest head in a file written by `audit head --append`."""
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        head = json.loads(lines[-1])
+        seq, digest = head["seq"], head["hash"]
+    except (OSError, ValueError, IndexError, KeyError, TypeError) as e:
+        raise UsageError(f"{path}: not a file of recorded heads ({e})") from e
+    if not isinstance(seq, int) or not isinstance(digest, str):
+        raise UsageError(f"{path}: the last recorded head has no integer seq and hash")
+    return seq, digest
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from cohortgate.audit import verify_chain
 
@@ -250,7 +263,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     for p in paths:
         if not p.is_file():
             raise UsageError(f"{p}: no such file")
-    result = verify_chain(paths)
+    expect = _recorded_head(Path(args.heads)) if args.heads else None
+    result = verify_chain(paths, expect_head=expect)
     for note in result.notes:
         print(f"note: {note}")
     if result.breaks is not None:
@@ -258,7 +272,29 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         print(f"BROKEN: {b.file}:{b.line} (seq {b.seq}): {b.why}")
         return EXIT_NEGATIVE
     print(f"ok: {result.lines} lines, seq {result.first_seq}..{result.last_seq}, "
-          f"head {result.last_hash}")
+          f"head {result.last_hash}" + (f"; recorded head seq {expect[0]} found" if expect else ""))
+    return EXIT_OK
+
+
+def cmd_audit_head(args: argparse.Namespace) -> int:
+    import urllib.request
+
+    if args.url:
+        url = args.url.rstrip("/")
+    else:
+        host, port = _config(args.config).admin_listen
+        url = f"http://{host}:{port}"
+    try:
+        with urllib.request.urlopen(f"{url}/audit/head", timeout=5) as resp:  # noqa: S310
+            head = json.loads(resp.read())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{url}/audit/head: {e}") from e
+    head["recorded_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    line = json.dumps(head, sort_keys=True)
+    print(line)
+    if args.append:
+        with open(args.append, "a") as f:
+            f.write(line + "\n")
     return EXIT_OK
 
 
@@ -330,7 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     a = asub.add_parser("verify", help="check the chain across rotated files")
     a.add_argument("files", nargs="+")
+    a.add_argument("--heads", help="a file of heads recorded by `audit head --append`: the "
+                                   "newest must be in the chain (catches lines cut from the end)")
     a.set_defaults(func=cmd_audit_verify)
+    a = asub.add_parser("head", help="fetch a running gate's chain head (/audit/head)")
+    where = a.add_mutually_exclusive_group()
+    where.add_argument("--config", default=DEFAULT_CONFIG, help="find the admin address here")
+    where.add_argument("--url", help="the admin listener, e.g. http://127.0.0.1:9090")
+    a.add_argument("--append", help="append the head to this file (run it from cron)")
+    a.set_defaults(func=cmd_audit_head)
 
     d = sub.add_parser("demo", help="throwaway keys, a stand-in upstream, the gate, three calls")
     d.add_argument("--port", type=int, default=8080)

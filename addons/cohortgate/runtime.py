@@ -1,28 +1,39 @@
-"""The gate's live state: config, trust store, revocations, decision log, and their hot reload.
+"""The gate's live state: config, trust store, revocations, limiter, decision log, metrics,
+and their hot reload.
 
 A `Runtime` is built whole from a config file or refused whole (ValueError), so the addon is
 never half-configured. `poll()` reloads whatever changed on disk and keeps the last good state
-when a reload fails, logging why.
+when a reload fails, logging why. `open()` starts what needs the event loop (the admin
+listener, the Redis revocation sync, an https:// trust store); `aclose()` stops it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
+from typing import Any
 
+from cohortgate.admin import AdminServer
+from cohortgate.admin import Metrics
 from cohortgate.audit import DecisionLog
 from cohortgate.config import Config
 from cohortgate.config import load_config
+from cohortgate.jwks_remote import RemoteJwks
 from cohortgate.keys import TrustStore
 from cohortgate.keys import load_trust_store
+from cohortgate.limiter import FailoverLimiter
 from cohortgate.limiter import Limiter
 from cohortgate.limiter import make_limiter
+from cohortgate.policy import NO_REVOCATIONS
 from cohortgate.policy import Revocations
 from cohortgate.policy import check_revocation
 from cohortgate.policy import load_revocations
+from cohortgate.reasons import KeysUnavailable
+from cohortgate.reasons import UnknownKey
 from cohortgate.revocation_sync import SharedRevocations
 from cohortgate.verify import Approval
 from cohortgate.verify import Verifier
@@ -34,7 +45,7 @@ FileStamp = tuple[int, int, int] | None
 
 def file_stamp(path: Path | str | None) -> FileStamp:
     """What changes when a file is edited or replaced: (inode, size, mtime_ns), None if absent."""
-    if path is None:
+    if path is None or is_url(str(path)):
         return None
     try:
         st = os.stat(path)
@@ -51,15 +62,25 @@ def uses_redis(config: Config) -> bool:
     return config.ratelimit.backend != "memory"
 
 
+def load_file_store(source: str) -> TrustStore:
+    store = load_trust_store(source)
+    for why in store.skipped:
+        logger.warning("trust store %s: skipped a key: %s", store.source, why)
+    return store
+
+
 @dataclass
 class Runtime:
     config: Config
-    store: TrustStore
-    verifier: Verifier
-    revocations: Revocations  # from the revocation file
     log: DecisionLog
     limiter: Limiter
-    shared: SharedRevocations | None  # the revocations in Redis, when the backend is Redis
+    metrics: Metrics
+    revocations: Revocations = NO_REVOCATIONS  # from the revocation file
+    store: TrustStore | None = None  # None only while an https:// trust store never loaded
+    verifier: Verifier | None = None
+    shared: SharedRevocations | None = None  # the revocations in Redis, with a Redis backend
+    remote: RemoteJwks | None = None  # the trust store, when authority.jwks is an https:// URL
+    admin: AdminServer | None = None
     stamps: dict[str, FileStamp] = field(default_factory=dict)
     # (upstream, listen, ...) keys changed on disk that only take effect after a restart
     pending_restart: list[str] = field(default_factory=list)
@@ -71,29 +92,47 @@ class Runtime:
               listen: str | None = None) -> Runtime:
         """Load everything, or raise ValueError saying what is wrong (file, key, why)."""
         config = load_config(config_path, upstream=upstream, listen=listen)
-        if is_url(config.authority.jwks):
-            raise ValueError(
-                f"{config_path}: authority.jwks: an https:// trust store is not supported yet; "
-                "give a file path"
-            )
-        store = load_trust_store(config.authority.jwks)
-        for why in store.skipped:
-            logger.warning("trust store %s: skipped a key: %s", store.source, why)
+        jwks = config.authority.jwks
+        store = None if is_url(jwks) else load_file_store(jwks)
         revocations = load_revocations(config.revocation.file)
-        log = DecisionLog(config.log.decisions, config.log.rotate_bytes)
+        metrics = Metrics()
+
+        def limiter_state(up: bool, why: str) -> None:
+            metrics.set_fallback(not up)
+            if up:
+                logger.warning("rate limiter: %s is back", config.ratelimit.backend)
+            else:
+                metrics.limiter_error("redis")
+                logger.warning("rate limiter: backend failed (%s); on_error = %s", why,
+                               config.ratelimit.on_error)
+
         try:
-            limiter = make_limiter(config.ratelimit)
+            limiter = make_limiter(config.ratelimit, on_state=limiter_state)
         except ValueError as e:
-            log.close()
             raise ValueError(f"{config_path}: ratelimit.backend: {e}") from e
-        shared = None
+        log = DecisionLog(config.log.decisions, config.log.rotate_bytes)
+        rt = cls(config, log, limiter, metrics, revocations, overrides=(upstream, listen))
+        if store is not None:
+            rt._use_store(store)
+        else:
+            rt.remote = RemoteJwks(jwks, on_update=rt._use_store)
         if uses_redis(config):
-            shared = SharedRevocations(config.ratelimit.backend,
-                                       timeout=max(config.ratelimit.timeout, 1.0))
-        rt = cls(config, store, Verifier(config.authority, store), revocations, log, limiter,
-                 shared, overrides=(upstream, listen))
+            rt.shared = SharedRevocations(config.ratelimit.backend,
+                                          timeout=max(config.ratelimit.timeout, 1.0),
+                                          on_change=lambda _: rt._count_revocations())
+        rt._count_revocations()
         rt.stamps = rt._current_stamps(config_path)
         return rt
+
+    def _use_store(self, store: TrustStore) -> None:
+        self.store = store
+        self.verifier = Verifier(self.config.authority, store)
+        self.metrics.trust_store_loaded(len(store.keys), time.time())
+
+    def _count_revocations(self) -> None:
+        shared = self.shared.current if self.shared is not None else NO_REVOCATIONS
+        self.metrics.set_revocations(len(self.revocations.jti | shared.jti),
+                                     len(self.revocations.customers | shared.customers))
 
     def _current_stamps(self, config_path: Path | None) -> dict[str, FileStamp]:
         return {
@@ -112,7 +151,7 @@ class Runtime:
             if self._reload_config(source):
                 reloaded.append("config")
             now = self._current_stamps(source)  # the new config may point at other files
-        if now["jwks"] != self.stamps.get("jwks"):
+        if self.remote is None and now["jwks"] != self.stamps.get("jwks"):
             self.stamps["jwks"] = now["jwks"]
             if self._reload_store():
                 reloaded.append("jwks")
@@ -124,20 +163,22 @@ class Runtime:
 
     def _reload_config(self, source: Path) -> bool:
         upstream, listen = self.overrides
+        old = self.config
         try:
             new = load_config(source, upstream=upstream, listen=listen)
-            if is_url(new.authority.jwks):
-                raise ValueError(f"{source}: authority.jwks: https:// is not supported yet")
-            store = load_trust_store(new.authority.jwks)
+            same_source = new.authority.jwks == old.authority.jwks
+            store = None if is_url(new.authority.jwks) else load_file_store(new.authority.jwks)
             revocations = load_revocations(new.revocation.file)
         except ValueError as e:
             logger.error("config reload failed, keeping the last good config: %s", e)
             return False
-        restart = self.config.reload_requires_restart(new)
-        if new.log != self.config.log:
-            restart.append("log")
-        if new.ratelimit != self.config.ratelimit:
-            restart.append("ratelimit")
+        restart = old.reload_requires_restart(new)
+        for name, changed in (("log", new.log != old.log),
+                              ("ratelimit", new.ratelimit != old.ratelimit),
+                              ("authority.jwks", not same_source and (
+                                  is_url(new.authority.jwks) or self.remote is not None))):
+            if changed:
+                restart.append(name)
         if restart:
             logger.warning(
                 "config reloaded; %s changed and take effect only after a restart",
@@ -145,22 +186,22 @@ class Runtime:
             )
             self.pending_restart = restart
         self.config = new
-        self.store = store
-        self.verifier = Verifier(new.authority, store)
+        if store is not None and self.remote is None:
+            self._use_store(store)
+        elif self.store is not None:
+            self._use_store(self.store)  # the new authority settings, the same keys
         self.revocations = revocations
+        self._count_revocations()
         logger.info("config reloaded from %s", source)
         return True
 
     def _reload_store(self) -> bool:
         try:
-            store = load_trust_store(self.config.authority.jwks)
+            store = load_file_store(self.config.authority.jwks)
         except ValueError as e:
             logger.error("trust store reload failed, keeping the last good keys: %s", e)
             return False
-        for why in store.skipped:
-            logger.warning("trust store %s: skipped a key: %s", store.source, why)
-        self.store = store
-        self.verifier = Verifier(self.config.authority, store)
+        self._use_store(store)
         logger.info("trust store reloaded: %d keys", len(store.keys))
         return True
 
@@ -171,13 +212,22 @@ class Runtime:
             logger.error("revocation reload failed, keeping the last good list: %s", e)
             return False
         self.revocations = revocations
+        self._count_revocations()
         logger.info("revocations reloaded: %d entries", len(revocations))
         return True
 
     # ---- the request path -------------------------------------------------------------
 
     def verify(self, token: str, now: float) -> Approval:
-        return self.verifier.verify(token, now)
+        verifier = self.verifier
+        if verifier is None:
+            raise KeysUnavailable()
+        try:
+            return verifier.verify(token, now)
+        except UnknownKey:
+            if self.remote is not None:
+                self.remote.refresh_soon()  # a rotated key, perhaps; this request still fails
+            raise
 
     def check_revocation(self, approval: Approval) -> None:
         """The revocation file, then the local copy of Redis's list: no I/O."""
@@ -185,14 +235,45 @@ class Runtime:
         if self.shared is not None:
             check_revocation(approval, self.shared.current)
 
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """For /readyz: a trust store is loaded, and the limiter decides (Redis or fallback)."""
+        checks: dict[str, str] = {}
+        ready = True
+        if self.store is None:
+            ready = False
+            checks["trust_store"] = "no key loaded yet"
+        else:
+            checks["trust_store"] = f"{len(self.store.keys)} keys"
+        limiter = self.limiter
+        if isinstance(limiter, FailoverLimiter) and not limiter.healthy:
+            if limiter.on_error == "closed":
+                ready = False
+                checks["ratelimit"] = "redis down; on_error = closed refuses requests"
+            else:
+                checks["ratelimit"] = f"redis down; on_error = {limiter.on_error} in use"
+        else:
+            checks["ratelimit"] = "ok"
+        return ready, {"ready": ready, "checks": checks}
+
     # ---- lifecycle ----------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Start what needs the event loop: the Redis revocation sync."""
+        """Start what needs the event loop: the admin listener, the https:// trust store,
+        the Redis revocation sync."""
+        host, port = self.config.admin_listen
+        self.admin = AdminServer(host, port, metrics=self.metrics, ready=self.readiness,
+                                 audit_head=self.log.head)
+        await self.admin.start()
+        if self.remote is not None:
+            await self.remote.start()
         if self.shared is not None:
             await self.shared.start()
 
     async def aclose(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
+        if self.remote is not None:
+            await self.remote.close()
         if self.shared is not None:
             await self.shared.close()
         await self.limiter.close()

@@ -1,0 +1,5 @@
+"""stub"""
+from typing import Any
+
+def run(**kw: Any) -> dict[str, Any]:
+    return {}
