@@ -484,3 +484,45 @@ def test_verifier_does_not_follow_later_store_changes() -> None:
     verifier = Verifier(AUTHORITY, type(STORE)(keys=keys, source="copy", skipped=()))
     keys.clear()
     assert verifier.verify(token(), NOW).kid == "ed"
+
+
+
+class TestVerifiedTokenCache:
+    """The cache saves signature checks; it must never admit what a fresh check would not."""
+
+    def test_a_hit_is_the_same_approval_within_the_tokens_validity(self) -> None:
+        verifier = Verifier(AUTHORITY, STORE)
+        tok = token(nbf=NOW - 10)
+        first = verifier.verify(tok, NOW)
+        assert verifier.verify(tok, NOW + 3000) is first
+        with pytest.raises(TokenExpired):
+            verifier.verify(tok, NOW + 3600 + LEEWAY)
+        cached = Verifier(AUTHORITY, STORE)
+        cached.verify(tok, NOW)
+        with pytest.raises(TokenNotYetValid):  # a clock stepped back past nbf: no stale hit
+            cached.verify(tok, NOW - 10 - LEEWAY - 1)
+
+    def test_a_refused_token_is_never_cached(self) -> None:
+        verifier = Verifier(AUTHORITY, STORE)
+        tok = token()
+        sig = tok.rsplit(".", 1)[1]
+        tampered = tok[: -len(sig)] + ("B" if sig[0] != "B" else "C") + sig[1:]
+        for _ in range(2):
+            with pytest.raises(Denial):
+                verifier.verify(tampered, NOW)
+        assert tampered not in verifier._cache
+
+    def test_the_cache_is_bounded_oldest_first(self) -> None:
+        verifier = Verifier(AUTHORITY, STORE, cache_size=3)
+        tokens = [token(sub=f"c{i}") for i in range(5)]
+        for tok in tokens:
+            verifier.verify(tok, NOW)
+        assert list(verifier._cache) == tokens[2:]
+
+    def test_a_new_trust_store_starts_empty(self) -> None:
+        verifier = Verifier(AUTHORITY, STORE)
+        tok = token()
+        verifier.verify(tok, NOW)
+        without_ed = parse_jwks(json.dumps({"keys": JWKS[1:]}).encode(), "test")
+        with pytest.raises(UnknownKey):
+            Verifier(AUTHORITY, without_ed).verify(tok, NOW)

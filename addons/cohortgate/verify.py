@@ -39,6 +39,7 @@ from cohortgate.reasons import TokenTooLarge
 from cohortgate.reasons import UnknownKey
 
 MAX_TOKEN_BYTES = 8192
+CACHE_SIZE = 20_000  # verified tokens remembered; ~1 KB each
 MAX_JSON_DEPTH = 16  # an approval nests 3 levels (claims, limits/cnf/models); JOSE headers 2
 _BEARER_PREFIX = len("Bearer ")
 
@@ -102,9 +103,11 @@ class Verifier:
     Everything that does not depend on the token is worked out here, once.
     """
 
-    __slots__ = ("_allowed", "_audience", "_issuer", "_keys", "_leeway", "_max_lifetime")
+    __slots__ = ("_allowed", "_audience", "_cache", "_cache_size", "_issuer", "_keys", "_leeway",
+                 "_max_lifetime")
 
-    def __init__(self, authority: Authority, store: TrustStore) -> None:
+    def __init__(self, authority: Authority, store: TrustStore, *,
+                 cache_size: int = CACHE_SIZE) -> None:
         unsupported = set(authority.algorithms) - SUPPORTED_ALGORITHMS
         if unsupported:
             # config refuses these already; a second line of defence against none/HS*.
@@ -120,9 +123,32 @@ class Verifier:
             kid: {alg: (implementations[alg], trusted.key) for alg in trusted.algorithms}
             for kid, trusted in store.keys.items()
         }
+        # token -> (approval, valid from, valid until): a signature is checked once per token,
+        # not once per request. A Verifier lives as long as one trust store and one config,
+        # so a key removed from the store takes its tokens' entries with it.
+        self._cache: dict[str, tuple[Approval, float, float]] = {}
+        self._cache_size = cache_size
 
     def verify(self, token: str, now: float) -> Approval:
-        """The Approval in `token` at time `now` (epoch seconds), or the first failure's Denial."""
+        """The Approval in `token` at time `now` (epoch seconds), or the first failure's Denial.
+
+        Revocation is not a property of the token and is checked by the caller every time.
+        """
+        hit = self._cache.get(token)
+        if hit is not None:
+            if hit[1] <= now < hit[2]:
+                return hit[0]
+            del self._cache[token]  # out of its validity: verify again, which says why
+        approval = self._verify(token, now)
+        cache = self._cache
+        if len(cache) >= self._cache_size:
+            del cache[next(iter(cache))]  # the oldest entry
+        leeway = self._leeway
+        valid_from = max(approval.iat, approval.nbf or approval.iat) - leeway
+        cache[token] = (approval, valid_from, approval.exp + leeway)
+        return approval
+
+    def _verify(self, token: str, now: float) -> Approval:
         header, claims, signing_input, signature = _parse_compact(token)
 
         alg = header.get("alg")
