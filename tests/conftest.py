@@ -175,7 +175,7 @@ class Gate:
 
 def start_gate(tmp: Path, upstream: StandinUpstream, authority: Authority, *,
                upstream_url: str | None = None, jwks_url: str | None = None,
-               **config: Any) -> Gate:
+               preexec_fn: Any = None, **config: Any) -> Gate:
     port = free_port()
     workdir = tmp / f"gate-{port}"
     workdir.mkdir(parents=True)
@@ -185,7 +185,7 @@ def start_gate(tmp: Path, upstream: StandinUpstream, authority: Authority, *,
     proc = subprocess.Popen(
         [sys.executable, "-m", "cohortgate.cli", "serve", "--config", str(path)],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=workdir,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=preexec_fn,
     )
     try:
         wait_listening(port, proc)

@@ -42,6 +42,7 @@ from cohortgate.policy import check_binding
 from cohortgate.policy import check_model
 from cohortgate.policy import limits_for
 from cohortgate.policy import parse_json_body
+from cohortgate.reasons import AuditUnavailable
 from cohortgate.reasons import CohortNotAdmitted
 from cohortgate.reasons import Denial
 from cohortgate.reasons import InternalError
@@ -227,6 +228,8 @@ class CohortGate:
             if self.runtime is not None:
                 # stat() of three small files: cheap enough for the event loop
                 self.runtime.poll()
+                if self.runtime.pending:
+                    self.runtime.flush_pending()
 
     # ---- connection ------------------------------------------------------------------
 
@@ -265,6 +268,8 @@ class CohortGate:
         now = time.time()
         phase = cfg.phase_at(now)
         rec.phase = phase.name if phase else None
+        if not rt.audit_ok:
+            raise AuditUnavailable()
 
         try:
             token = extract_token(headers.get_all(cfg.token.header), bearer=cfg.token.bearer)
@@ -544,11 +549,7 @@ class CohortGate:
             record["detail"] = detail
         if usage is not None and usage.estimated:
             record["usage_estimated"] = True
-        try:
-            rt.log.write(record)
-        except Exception:
-            rt.metrics.log_write_error()
-            logger.exception("cohortgate: the decision log could not be written")
+        rt.record(record)
         rt.metrics.record_decision(
             decision=decision, reason=reason, phase=rec.phase, latency_s=latency,
             upstream_status=upstream_status, cohort=approval.cohort if approval else None,

@@ -15,7 +15,7 @@ class, never on text. The HTTP layer turns a Denial into an OpenAI-shaped JSON e
     ├── RateLimited (429): RateLimitedRequests, RateLimitedTokens
     ├── InternalError (500)
     ├── UpstreamUnavailable (502)
-    └── Unavailable (503): KeysUnavailable, RatelimitUnavailable
+    └── Unavailable (503): KeysUnavailable, RatelimitUnavailable, AuditUnavailable
 """
 
 from __future__ import annotations
@@ -227,6 +227,11 @@ class KeysUnavailable(Unavailable):
 class RatelimitUnavailable(Unavailable):
     code = "ratelimit_unavailable"
     message = "The rate limiter is unavailable."
+
+
+class AuditUnavailable(Unavailable):
+    code = "audit_unavailable"
+    message = "The gateway cannot record decisions now, so it serves none."
 
 
 def all_denials() -> list[type[Denial]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from cohortgate.admin import AdminServer
 from cohortgate.admin import Metrics
 from cohortgate.audit import DecisionLog
+from cohortgate.audit import LogError
 from cohortgate.config import Config
 from cohortgate.config import load_config
 from cohortgate.jwks_remote import RemoteJwks
@@ -41,6 +43,9 @@ from cohortgate.verify import Verifier
 logger = logging.getLogger("cohortgate")
 
 FileStamp = tuple[int, int, int] | None
+
+# Decision lines kept in memory, in order, while the log cannot be written (~1 KB each).
+MAX_PENDING_LINES = 10_000
 
 
 def file_stamp(path: Path | str | None) -> FileStamp:
@@ -81,6 +86,9 @@ class Runtime:
     shared: SharedRevocations | None = None  # the revocations in Redis, with a Redis backend
     remote: RemoteJwks | None = None  # the trust store, when authority.jwks is an https:// URL
     admin: AdminServer | None = None
+    # lines not yet written because the log failed; while any wait, no request is served
+    pending: deque[dict[str, Any]] = field(default_factory=deque)
+    dropped_lines: int = 0
     stamps: dict[str, FileStamp] = field(default_factory=dict)
     # (upstream, listen, ...) keys changed on disk that only take effect after a restart
     pending_restart: list[str] = field(default_factory=list)
@@ -216,6 +224,57 @@ class Runtime:
         logger.info("revocations reloaded: %d entries", len(revocations))
         return True
 
+    # ---- the decision log ---------------------------------------------------------------
+
+    def record(self, line: dict[str, Any]) -> None:
+        """Write a decision line. When the log cannot be written (disk full, file system
+        gone read-only), the line waits in memory with the ones after it, in chain order,
+        and is written as soon as the log works again; meanwhile `audit_ok` is False and the
+        gate serves nothing (a decision that cannot be recorded is not made)."""
+        if self.pending and not self.flush_pending():
+            self._hold(line)
+            return
+        try:
+            self._write(line)
+        except OSError as e:
+            self.metrics.log_write_error()
+            logger.error("decision log: cannot write (%s); serving nothing until it can", e)
+            self._hold(line)
+
+    def _write(self, line: dict[str, Any]) -> None:
+        """OSError: the line is not in the file. A failed rotation leaves it written."""
+        try:
+            self.log.write(line)
+        except LogError as e:
+            logger.error("decision log: %s (the line is written; rotation is retried)", e)
+
+    def _hold(self, line: dict[str, Any]) -> None:
+        if len(self.pending) >= MAX_PENDING_LINES:
+            self.dropped_lines += 1  # only refusals arrive here once it is full
+            self.metrics.log_write_error()
+            return
+        self.pending.append(line)
+
+    def flush_pending(self) -> bool:
+        """Write the waiting lines in order; True when none is left."""
+        pending = self.pending
+        while pending:
+            try:
+                self._write(pending[0])
+            except OSError:
+                return False
+            pending.popleft()
+        logger.warning("decision log: writable again; the waiting lines are written")
+        if self.dropped_lines:
+            logger.error("decision log: %d refusal lines were lost while it was full",
+                         self.dropped_lines)
+            self.dropped_lines = 0
+        return True
+
+    @property
+    def audit_ok(self) -> bool:
+        return not self.pending
+
     # ---- the request path -------------------------------------------------------------
 
     def verify(self, token: str, now: float) -> Approval:
@@ -253,6 +312,11 @@ class Runtime:
                 checks["ratelimit"] = f"redis down; on_error = {limiter.on_error} in use"
         else:
             checks["ratelimit"] = "ok"
+        if self.pending:
+            ready = False
+            checks["decision_log"] = f"cannot write; {len(self.pending)} lines waiting"
+        else:
+            checks["decision_log"] = "ok"
         return ready, {"ready": ready, "checks": checks}
 
     # ---- lifecycle ----------------------------------------------------------------------

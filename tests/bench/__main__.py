@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["ab"] += throughput.run(backend=backend, modes=modes, rounds=args.rounds,
                                             seconds=args.seconds)
     if args.command in ("stream", "all"):
-        results["stream"] = stream.run()
+        results["stream"] = stream.run(rounds=args.rounds)
     if args.command in ("memory", "all"):
         results["memory"] = memory.run()
     if args.command in ("profile", "all"):

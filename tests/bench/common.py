@@ -38,35 +38,6 @@ from cohortgate.keys import init_keys
 from cohortgate.keys import issue_token
 from tests.redis_server import free_port
 
-__all__ = [
-    "AUDIENCE",
-    "BENCH_DIR",
-    "CHAT_REQUEST",
-    "COHORT",
-    "ISSUER",
-    "MODEL",
-    "BenchError",
-    "Gate",
-    "Processes",
-    "Tokens",
-    "WrkResult",
-    "cpu_seconds",
-    "ensure_debian_packages",
-    "fmt",
-    "free_port",
-    "machine_summary",
-    "median",
-    "percentile",
-    "probe",
-    "rss_kib",
-    "run_wrk",
-    "start_bare_mitmdump",
-    "start_gate",
-    "start_nginx",
-    "table",
-    "venv_tool",
-]
-
 BENCH_DIR: Final = Path(__file__).resolve().parent
 REPO: Final = BENCH_DIR.parent.parent
 
