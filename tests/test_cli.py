@@ -12,6 +12,7 @@ from typing import Any
 import openai
 import pytest
 
+from cohortgate.demo import free_port
 from cohortgate.standin import StandinUpstream
 from tests.conftest import AUDIENCE
 from tests.conftest import ISSUER
@@ -19,7 +20,6 @@ from tests.conftest import REPO
 from tests.conftest import Authority
 from tests.conftest import Gate
 from tests.conftest import config_text
-from tests.conftest import free_port
 from tests.conftest import wait_listening
 
 MESSAGES: Any = [{"role": "user", "content": "hi"}]

@@ -21,6 +21,7 @@ from cohortgate.audit import verify_chain
 from tests.conftest import Gate
 from tests.conftest import parse_response
 from tests.conftest import raw_request
+from tests.conftest import self_signed_cert
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 MESSAGES: Any = [{"role": "user", "content": "Say hello."}]
@@ -345,7 +346,7 @@ class TestBinding:
 class TestProtocol:
     def test_unreachable_upstream_is_json_502_without_its_address(
             self, gate_factory: Any) -> None:
-        from tests.conftest import free_port
+        from cohortgate.demo import free_port
         dead = free_port()
         gate: Gate = gate_factory(upstream_url=f"http://127.0.0.1:{dead}")
         with pytest.raises(openai.APIStatusError) as e:
@@ -425,37 +426,9 @@ def _payload(token: str) -> str:
     return base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4)).decode()
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-            .sign(key, hashes.SHA256()))
-    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp / "key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    return tmp / "cert.pem", tmp / "key.pem"
-
-
 def test_tls_listener_serves_the_operators_certificate(gate_factory: Any,
                                                        tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     gate: Gate = gate_factory(extra_top=f'tls_cert = "{cert}"\ntls_key = "{key}"')
     client = openai.OpenAI(base_url=f"https://localhost:{gate.port}/v1", max_retries=0,
                            api_key=gate.authority.issue(),

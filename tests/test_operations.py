@@ -3,9 +3,7 @@ metrics, the audit head, and a trust store served over https."""
 
 from __future__ import annotations
 
-import datetime
 import http.server
-import ipaddress
 import json
 import os
 import ssl
@@ -23,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Gate
+from tests.conftest import self_signed_cert
 
 MESSAGES: Any = [{"role": "user", "content": "hi"}]
 
@@ -114,37 +113,12 @@ class TestAuditHead:
 # ---- a trust store over https --------------------------------------------------------------
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-            .sign(key, hashes.SHA256()))
-    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp / "key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    return tmp / "cert.pem", tmp / "key.pem"
-
-
 class JwksServer:
     """An https server for one JWKS document, which the test can change or take down."""
 
     def __init__(self, tmp: Path, document: bytes) -> None:
         self.document = document
-        self.cert, key = _self_signed(tmp)
+        self.cert, key = self_signed_cert(tmp)
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -198,7 +172,7 @@ def test_https_trust_store_survives_its_server_going_down(
 def test_no_key_ever_loaded_is_503_keys_unavailable(
         gate_factory: Any, authority: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.conftest import free_port
+    from cohortgate.demo import free_port
     gate: Gate = gate_factory(jwks_url=f"https://127.0.0.1:{free_port()}/jwks.json")
     with pytest.raises(openai.APIStatusError) as e:
         gate.client(authority.issue()).with_options(max_retries=0).chat.completions.create(

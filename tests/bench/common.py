@@ -404,22 +404,25 @@ def start_gate(procs: Processes, workdir: Path, *, upstream_port: int, jwks: Pat
     return Gate(port, proc, gatedir)
 
 
-def start_bare_mitmdump(procs: Processes, workdir: Path, upstream_port: int
-                        ) -> tuple[int, subprocess.Popen[bytes]]:
+def start_bare_mitmdump(procs: Processes, workdir: Path, upstream_port: int,
+                        *settings: str) -> tuple[int, subprocess.Popen[bytes]]:
     """Stock mitmdump in reverse mode with no addon of ours: `-q` (flow_detail 0, termlog
     errors only, the least work a stock mitmdump does per flow) and connection_strategy=lazy as
-    the gate has it; its CA goes into its own confdir, not ~/.mitmproxy."""
-    confdir = workdir / "mitmdump-conf"
-    confdir.mkdir(parents=True)
+    the gate has it, plus `settings` ("name=value"); its CA goes into its own confdir, not
+    ~/.mitmproxy."""
     port = free_port()
-    log = workdir / "mitmdump.log"
-    argv = [
+    confdir = workdir / f"mitmdump-{port}"
+    confdir.mkdir(parents=True)
+    log = confdir / "mitmdump.log"
+    argv: list[str | Path] = [
         venv_tool("mitmdump"),
         "--mode", f"reverse:http://127.0.0.1:{upstream_port}@127.0.0.1:{port}",
         "-q",
         "--set", "connection_strategy=lazy",
         "--set", f"confdir={confdir}",
     ]  # fmt: skip
+    for setting in settings:
+        argv += ["--set", setting]
     proc = procs.start("mitmdump", argv, log=log)
     wait_listening(port, proc, "mitmdump", log)
     return port, proc

@@ -1,5 +1,6 @@
 """stub"""
 from typing import Any
 
+
 def run(**kw: Any) -> dict[str, Any]:
     return {}
