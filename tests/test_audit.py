@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -528,3 +529,43 @@ class TestLock:
         (tmp_path / "file").write_text("")
         with pytest.raises(LogError, match="cannot open"):
             DecisionLog(tmp_path / "file" / "d.jsonl")
+
+
+class TestBackgroundWriter:
+    """background=True: the proxy's mode. Lines reach the file off the event loop, in chain
+    order, survive a refusing disk, and the file never holds half a line."""
+
+    def test_lines_are_written_in_order_and_verify(self, tmp_path: Path) -> None:
+        path = tmp_path / "decisions.jsonl"
+        with DecisionLog(path, rotate_bytes=4000, background=True) as log:
+            for i in range(300):
+                log.write({"request_id": f"r{i}", "decision": "allow"})
+            assert log.flush()
+            assert log.head()["seq"] == 300
+        result = verify_chain(rotated_files(path))
+        assert result.ok and result.lines == 300
+        assert len(rotated_files(path)) > 2  # rotation happened in the writer thread
+
+    def test_a_refusing_disk_keeps_the_lines_until_it_accepts(self, tmp_path: Path) -> None:
+        path = tmp_path / "decisions.jsonl"
+        log = DecisionLog(path, background=True)
+        log.write({"request_id": "before"})
+        assert log.flush()
+        good_fd = log._fd
+        log._fd = os.open(path, os.O_RDONLY)  # every write now fails with EBADF
+        for i in range(5):
+            log.write({"request_id": f"during-{i}"})
+        deadline = time.monotonic() + 5
+        while log.failing is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert log.backlog == 5 and log.head()["seq"] == 1  # the file has only the first
+        assert path.read_bytes().endswith(b"}\n")
+        bad_fd, log._fd = log._fd, good_fd
+        os.close(bad_fd)
+        assert log.flush()
+        assert log.failing is None
+        log.close()
+        ids = [json.loads(line)["request_id"] for line in path.read_text().splitlines()]
+        assert ids == ["before"] + [f"during-{i}" for i in range(5)]
+        assert verify_chain([path]).ok

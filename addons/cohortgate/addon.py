@@ -228,8 +228,6 @@ class CohortGate:
             if self.runtime is not None:
                 # stat() of three small files: cheap enough for the event loop
                 self.runtime.poll()
-                if self.runtime.pending:
-                    self.runtime.flush_pending()
 
     # ---- connection ------------------------------------------------------------------
 

@@ -23,6 +23,8 @@ import os
 import re
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Mapping
 from collections.abc import Sequence
 from pathlib import Path
@@ -170,9 +172,16 @@ class DecisionLog:
     A file log is held by one process at a time (an flock on `<path>.lock`, kept across
     rotations), resumes the chain of an existing file and rotates at `rotate_bytes`.
     Thread-safe.
+
+    With `background=True` (what the proxy uses) `write()` only builds and chains the line;
+    a writer thread appends it, so a slow or full disk never stalls the event loop. Lines are
+    written in chain order, several per system call when they queue up. When the disk
+    refuses a write the thread keeps the lines, sets `failing` and retries every 0.1 s, never
+    leaving half a line in the file; `head()` reports the last line actually written.
     """
 
-    def __init__(self, path: Path | None, rotate_bytes: int = 0) -> None:
+    def __init__(self, path: Path | None, rotate_bytes: int = 0, *,
+                 background: bool = False) -> None:
         self._path = path
         self._rotate_bytes = rotate_bytes if path is not None else 0
         self._lock = threading.Lock()
@@ -183,8 +192,17 @@ class DecisionLog:
         self._seq = 0
         self._hash = GENESIS
         self._size = 0
+        # background writing: (seq, hash, line) waiting for the writer thread, in chain order
+        self._queue: deque[tuple[int, str, bytes]] = deque()
+        self._wake = threading.Event()
+        self._idle = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._stopping = False
+        self.failing: str | None = None  # why the writer cannot write now, else None
+        self._written = (0, GENESIS)  # seq and hash of the last line in the file
         if path is None:
             self._stdout = sys.stdout.buffer  # a fresh chain per process
+            self._start_writer(background)
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +219,14 @@ class DecisionLog:
         except BaseException:
             self.close()
             raise
+        self._written = (self._seq, self._hash)
+        self._start_writer(background)
+
+    def _start_writer(self, background: bool) -> None:
+        if background:
+            self._writer = threading.Thread(target=self._write_forever, daemon=True,
+                                            name="cohortgate-decision-log")
+            self._writer.start()
 
     @staticmethod
     def _acquire(path: Path) -> int:
@@ -251,8 +277,15 @@ class DecisionLog:
             body = _encode(obj)
             digest = hashlib.sha256((self._hash + body).encode("ascii")).hexdigest()
             line = (body[:-1] + ',"hash":"' + digest + '"}\n').encode("ascii")
+            if self._writer is not None:
+                self._queue.append((seq, digest, line))
+                self._seq, self._hash = seq, digest
+                self._wake.set()
+                obj["hash"] = digest
+                return obj
             self._append(line)
             self._seq, self._hash = seq, digest
+            self._written = (seq, digest)
             if self._rotate_bytes and self._size >= self._rotate_bytes:
                 self._rotate()
         obj["hash"] = digest
@@ -272,7 +305,8 @@ class DecisionLog:
 
     def _rotate(self) -> None:
         assert self._path is not None
-        rotated = self._path.with_name(f"{self._path.name}.{self._seq:012d}")
+        last_seq = self._written[0]  # the seq of the last line in the file being rotated
+        rotated = self._path.with_name(f"{self._path.name}.{last_seq:012d}")
         try:
             os.rename(self._path, rotated)
             try:
@@ -285,14 +319,94 @@ class DecisionLog:
         os.close(self._fd)
         self._fd, self._size = fd, 0
 
+    # ---- the background writer --------------------------------------------------------------
+
+    @property
+    def backlog(self) -> int:
+        """Lines built but not yet in the file."""
+        return len(self._queue)
+
+    def _write_forever(self) -> None:
+        queue = self._queue
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while queue:
+                batch = [queue[i] for i in range(min(len(queue), 256))]
+                try:
+                    self._append_batch([line for _, _, line in batch])
+                except OSError as e:
+                    self.failing = e.strerror or str(e)
+                    if self._stopping:
+                        return  # close() gave up waiting; it reports what is left
+                    time.sleep(0.1)
+                    continue
+                for _ in batch:
+                    queue.popleft()
+                seq, digest, _ = batch[-1]
+                self._written = (seq, digest)
+                self.failing = None
+                if self._rotate_bytes and self._size >= self._rotate_bytes:
+                    try:
+                        self._rotate()
+                    except LogError as e:
+                        sys.stderr.write(f"cohortgate: decision log: {e}\n")
+            with self._idle:
+                self._idle.notify_all()
+            if self._stopping and not queue:
+                return
+
+    def _append_batch(self, lines: list[bytes]) -> None:
+        """Write whole lines; on a failure cut the file back to its last whole line."""
+        data = b"".join(lines)
+        if self._stdout is not None:
+            self._stdout.write(data)
+            self._stdout.flush()
+            return
+        start, done = self._size, 0
+        try:
+            while done < len(data):
+                done += os.write(self._fd, data[done:])
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start)
+            raise
+        self._size = start + done
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every line built so far is in the file; False on timeout."""
+        if self._writer is None:
+            return True
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._queue:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.set()
+                self._idle.wait(min(left, 0.1))
+        return True
+
     def head(self) -> dict[str, Any]:
-        """The chain's current end: {"file", "seq", "hash"}, as /audit/head reports it."""
+        """The end of the chain in the file: {"file", "seq", "hash"}, as /audit/head reports
+        it (lines still queued for the writer thread are not in it yet)."""
         with self._lock:
             file = str(self._path) if self._path is not None else None
-            return {"file": file, "seq": self._seq, "hash": self._hash}
+            seq, digest = self._written
+            return {"file": file, "seq": seq, "hash": digest}
 
-    def close(self) -> None:
-        """Close the file and release the lock; idempotent."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (waiting up to `timeout` for a failing disk), close the file
+        and release the lock; idempotent."""
+        writer = self._writer
+        if writer is not None and writer.is_alive():
+            self.flush(timeout)
+            self._stopping = True
+            self._wake.set()
+            writer.join(timeout)
+            if self._queue:
+                sys.stderr.write(f"cohortgate: decision log: {len(self._queue)} lines could "
+                                 f"not be written before shutdown ({self.failing})\n")
         with self._lock:
             self._closed = True
             if self._fd >= 0:

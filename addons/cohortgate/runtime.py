@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import deque
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -86,9 +85,7 @@ class Runtime:
     shared: SharedRevocations | None = None  # the revocations in Redis, with a Redis backend
     remote: RemoteJwks | None = None  # the trust store, when authority.jwks is an https:// URL
     admin: AdminServer | None = None
-    # lines not yet written because the log failed; while any wait, no request is served
-    pending: deque[dict[str, Any]] = field(default_factory=deque)
-    dropped_lines: int = 0
+    dropped_lines: int = 0  # refusal lines not kept while the log could not be written
     stamps: dict[str, FileStamp] = field(default_factory=dict)
     # (upstream, listen, ...) keys changed on disk that only take effect after a restart
     pending_restart: list[str] = field(default_factory=list)
@@ -118,7 +115,7 @@ class Runtime:
             limiter = make_limiter(config.ratelimit, on_state=limiter_state)
         except ValueError as e:
             raise ValueError(f"{config_path}: ratelimit.backend: {e}") from e
-        log = DecisionLog(config.log.decisions, config.log.rotate_bytes)
+        log = DecisionLog(config.log.decisions, config.log.rotate_bytes, background=True)
         rt = cls(config, log, limiter, metrics, revocations, overrides=(upstream, listen))
         if store is not None:
             rt._use_store(store)
@@ -227,53 +224,28 @@ class Runtime:
     # ---- the decision log ---------------------------------------------------------------
 
     def record(self, line: dict[str, Any]) -> None:
-        """Write a decision line. When the log cannot be written (disk full, file system
-        gone read-only), the line waits in memory with the ones after it, in chain order,
-        and is written as soon as the log works again; meanwhile `audit_ok` is False and the
-        gate serves nothing (a decision that cannot be recorded is not made)."""
-        if self.pending and not self.flush_pending():
-            self._hold(line)
-            return
-        try:
-            self._write(line)
-        except OSError as e:
+        """Chain a decision line; the log's writer thread puts it in the file.
+
+        When the disk refuses it (full, read-only), the writer keeps the lines in chain
+        order and retries; meanwhile `audit_ok` is False and the gate serves nothing (a
+        decision that cannot be recorded is not made). Once MAX_PENDING_LINES wait, further
+        lines (refusals only, by then) are counted and dropped rather than exhaust memory.
+        """
+        log = self.log
+        if log.failing is not None:
             self.metrics.log_write_error()
-            logger.error("decision log: cannot write (%s); serving nothing until it can", e)
-            self._hold(line)
-
-    def _write(self, line: dict[str, Any]) -> None:
-        """OSError: the line is not in the file. A failed rotation leaves it written."""
+            if log.backlog >= MAX_PENDING_LINES:
+                self.dropped_lines += 1
+                return
         try:
-            self.log.write(line)
-        except LogError as e:
-            logger.error("decision log: %s (the line is written; rotation is retried)", e)
-
-    def _hold(self, line: dict[str, Any]) -> None:
-        if len(self.pending) >= MAX_PENDING_LINES:
-            self.dropped_lines += 1  # only refusals arrive here once it is full
+            log.write(line)
+        except (OSError, LogError) as e:  # only without the writer thread
             self.metrics.log_write_error()
-            return
-        self.pending.append(line)
-
-    def flush_pending(self) -> bool:
-        """Write the waiting lines in order; True when none is left."""
-        pending = self.pending
-        while pending:
-            try:
-                self._write(pending[0])
-            except OSError:
-                return False
-            pending.popleft()
-        logger.warning("decision log: writable again; the waiting lines are written")
-        if self.dropped_lines:
-            logger.error("decision log: %d refusal lines were lost while it was full",
-                         self.dropped_lines)
-            self.dropped_lines = 0
-        return True
+            logger.error("decision log: cannot write: %s", e)
 
     @property
     def audit_ok(self) -> bool:
-        return not self.pending
+        return self.log.failing is None
 
     # ---- the request path -------------------------------------------------------------
 
@@ -312,9 +284,10 @@ class Runtime:
                 checks["ratelimit"] = f"redis down; on_error = {limiter.on_error} in use"
         else:
             checks["ratelimit"] = "ok"
-        if self.pending:
+        if self.log.failing is not None:
             ready = False
-            checks["decision_log"] = f"cannot write; {len(self.pending)} lines waiting"
+            checks["decision_log"] = (f"cannot write ({self.log.failing}); "
+                                      f"{self.log.backlog} lines waiting")
         else:
             checks["decision_log"] = "ok"
         return ready, {"ready": ready, "checks": checks}
