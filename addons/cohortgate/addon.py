@@ -17,6 +17,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
@@ -45,6 +46,7 @@ from cohortgate.policy import parse_json_body
 from cohortgate.reasons import AuditUnavailable
 from cohortgate.reasons import CohortNotAdmitted
 from cohortgate.reasons import Denial
+from cohortgate.reasons import HeadersTooLarge
 from cohortgate.reasons import InternalError
 from cohortgate.reasons import InvalidRequest
 from cohortgate.reasons import MissingToken
@@ -71,6 +73,9 @@ RELOAD_INTERVAL = 0.25  # seconds between checks of the config, trust store and 
 
 # Headers whose removal would break the request's framing or routing.
 _PROTECTED = frozenset({"host", "content-length", "transfer-encoding"})
+# All header lines together; far above what an API client sends, far below what would let a
+# client make the upstream (or the log) choke on a request the gate admitted.
+MAX_HEADER_BYTES = 64 * 1024
 # Visible ASCII except '%', which is escaped so that the encoding can be reversed.
 _VISIBLE = frozenset(range(0x21, 0x7F)) - {ord("%")}
 
@@ -120,6 +125,19 @@ def retry_headers(retry_after: float) -> dict[str, str]:
         "retry-after": str(max(1, math.ceil(wait))),
         "retry-after-ms": str(max(1, math.ceil(wait * 1000))),
     }
+
+
+def check_header_fields(fields: Sequence[tuple[bytes, bytes]]) -> None:
+    """Refuse what an upstream could read differently from the gate: a CR, LF or NUL inside a
+    header (an obs-fold continuation line arrives as CRLF + SP inside the value), and header
+    sections too large to be an API call."""
+    total = 0
+    for name, value in fields:
+        total += len(name) + len(value) + 4
+        if b"\r" in value or b"\n" in value or b"\x00" in value:
+            raise InvalidRequest("a header value holds a line break or NUL (obs-fold?)")
+    if total > MAX_HEADER_BYTES:
+        raise HeadersTooLarge(f"{total} bytes of headers; the limit is {MAX_HEADER_BYTES}")
 
 
 def rfc3339_now() -> str:
@@ -291,13 +309,22 @@ class CohortGate:
                 rec.limit_key = f"a:{approval.sub}"
                 rec.quota = limits_for(approval, cfg.limits)
 
+        check_header_fields(headers.fields)  # what is about to be forwarded
+        connection = headers.get_all("connection")
         drop = headers_to_drop(
             list(headers.keys()),
-            headers.get_all("connection"),
+            connection,
             None if cfg.token.forward else cfg.token.header,
         )
         for name in drop:
             headers.pop(name, None)
+        # the client's Connection options were for this hop; forwarded, they could make the
+        # next hop strip the identity headers added below (RFC 9110 7.6.1)
+        headers.pop("connection", None)
+        if any("close" in value.lower() for value in connection):
+            headers["Connection"] = "close"
+        # origin-form: an absolute-form target would name another host to the upstream
+        flow.request.authority = ""
         if rec.approval is not None:
             headers["X-Cohortgate-Customer"] = header_value(rec.approval.sub)
             headers["X-Cohortgate-Cohort"] = header_value(rec.approval.cohort)
@@ -479,6 +506,9 @@ class CohortGate:
     # ---- decisions -------------------------------------------------------------------
 
     def _deny(self, flow: http.HTTPFlow, rec: FlowRecord, denial: Denial) -> None:
+        # mitmproxy would answer `Expect: 100-continue` after this hook, inviting an upload
+        # that is refused anyway
+        flow.request.headers.pop("expect", None)
         headers = {"content-type": "application/json", "x-request-id": rec.request_id}
         if not denial.retryable:
             headers["x-should-retry"] = "false"

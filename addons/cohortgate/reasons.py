@@ -7,7 +7,7 @@ class, never on text. The HTTP layer turns a Denial into an OpenAI-shaped JSON e
     Denial
     ├── InvalidRequest (400) ── DuplicateJsonMember (400)
     ├── BodyTooLarge (413)
-    ├── TokenTooLarge (431)
+    ├── TokenTooLarge (431), HeadersTooLarge (431)
     ├── Unauthenticated (401): MissingToken, MalformedToken, AlgorithmNotAllowed, UnknownKey,
     │       InvalidSignature, TokenExpired, TokenNotYetValid, InvalidIssuer, InvalidAudience,
     │       MissingClaim, InvalidClaim, LifetimeTooLong, TokenRevoked
@@ -96,6 +96,12 @@ class TokenTooLarge(Denial):
     code = "token_too_large"
     status = 431
     message = "The approval token exceeds the size limit."
+
+
+class HeadersTooLarge(Denial):
+    code = "headers_too_large"
+    status = 431
+    message = "The request headers exceed the gateway's size limit."
 
 
 class Unauthenticated(Denial):
