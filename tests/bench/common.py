@@ -95,7 +95,8 @@ def ensure_debian_packages(commands: Mapping[str, str]) -> dict[str, str]:
     missing = sorted({pkg for cmd, pkg in commands.items() if _which(cmd) is None})
     if missing:
         if os.geteuid() != 0:
-            raise BenchError(f"missing {', '.join(missing)}: apt-get install -y {' '.join(missing)}")
+            raise BenchError(f"missing {', '.join(missing)}: as root, "
+                             f"apt-get install -y {' '.join(missing)}")
         print(f"bench: installing {' '.join(missing)} (apt-get)", file=sys.stderr, flush=True)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
@@ -161,7 +162,8 @@ class Processes:
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-        """SIGTERM to the process group (nginx's workers too), SIGKILL if it lingers."""
+        """SIGTERM to its process group (nginx's workers too), SIGKILL if it lingers. A leader
+        that has exited already is left alone: its id may belong to someone else by now."""
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -171,10 +173,6 @@ class Processes:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        else:
-            # the leader is gone; a worker it left in its group is not
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
         self._procs = [(n, p) for n, p in self._procs if p is not proc]
 
     def close(self) -> None:
@@ -274,7 +272,8 @@ def start_nginx(procs: Processes, workdir: Path, nginx: str = "nginx") -> int:
     conf = conf.replace("@BODY@", CHAT_COMPLETION)
     (prefix / "nginx.conf").write_text(conf)
     log = prefix / "stderr.log"
-    argv = [nginx, "-p", prefix, "-c", prefix / "nginx.conf", "-e", prefix / "error.log"]
+    argv: list[str | Path] = [nginx, "-p", prefix, "-c", prefix / "nginx.conf",
+                              "-e", prefix / "error.log"]
     proc = procs.start("nginx", argv, log=log)
     wait_listening(port, proc, "nginx", log)
     return port
@@ -388,8 +387,10 @@ class Gate:
 
 
 def start_gate(procs: Processes, workdir: Path, *, upstream_port: int, jwks: Path,
-               backend: str = "memory", name: str = "gate") -> Gate:
-    """`cohortgate serve` (the lean master) with the full policy in front of the upstream."""
+               backend: str = "memory", name: str = "gate",
+               python_args: Sequence[str] = ()) -> Gate:
+    """`cohortgate serve` (the lean master) with the full policy in front of the upstream;
+    `python_args` go to the interpreter before `-m cohortgate.cli` (e.g. -m cProfile -o F)."""
     gatedir = workdir / name
     gatedir.mkdir(parents=True)
     port = free_port()
@@ -398,8 +399,9 @@ def start_gate(procs: Processes, workdir: Path, *, upstream_port: int, jwks: Pat
     config.write_text(gate_config(workdir=gatedir, port=port, upstream_port=upstream_port,
                                   jwks=jwks, backend=backend))
     log = gatedir / "gate.log"
-    proc = procs.start(name, [sys.executable, "-m", "cohortgate.cli", "serve", "--config", config],
-                       log=log, cwd=gatedir)
+    argv: list[str | Path] = [sys.executable, *python_args, "-m", "cohortgate.cli", "serve",
+                              "--config", config]
+    proc = procs.start(name, argv, log=log, cwd=gatedir)
     wait_listening(port, proc, name, log)
     return Gate(port, proc, gatedir)
 
@@ -430,7 +432,7 @@ def start_bare_mitmdump(procs: Processes, workdir: Path, upstream_port: int,
 
 def probe(url: str, token: str, body: str = CHAT_REQUEST) -> tuple[int, str]:
     """One chat completion through `url`: (status, body), to fail early with the reason."""
-    request = urllib.request.Request(
+    request = urllib.request.Request(  # noqa: S310 (an http:// URL of ours, on loopback)
         url + "/v1/chat/completions", data=body.encode(), method="POST",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
@@ -523,14 +525,16 @@ def fmt(value: float, digits: int = 1) -> str:
     return "-" if value != value else f"{value:,.{digits}f}"  # NaN prints as "-"
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns padded to their widest cell; the first left-aligned, the others right."""
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str = "") -> str:
+    """Columns padded to their widest cell, aligned as `align` says per column ("l" or "r";
+    by default the first left, the others right)."""
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    align = align or "l" + "r" * (len(headers) - 1)
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
-            str(c).ljust(w) if i == 0 else str(c).rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            str(c).ljust(w) if a == "l" else str(c).rjust(w)
+            for c, w, a in zip(cells, widths, align, strict=True)
         ).rstrip()
 
     rule = "  ".join("-" * w for w in widths)

@@ -75,7 +75,8 @@ def run() -> dict[str, Any]:
     base = checkpoints[1]["rss_kib"]
     rows = [[f"{c['requests']:,}", fmt(c["rss_kib"] / 1024), fmt(c["rss_kib"] / base, 3),
              fmt(c["rps"], 0), str(c.get("errors", ""))] for c in checkpoints]
-    print(table(["requests decided", "VmRSS MiB", "vs 20,000", "req/s", "errors"], rows))
+    print(table(["requests decided", "VmRSS MiB", "vs 20,000", "req/s", "errors"], rows,
+                align="rrrrr"))
     ratio = checkpoints[-1]["rss_kib"] / base
     verdict = "met" if ratio <= RATIO_TARGET else "NOT met"
     print(f"VmRSS after {checkpoints[-1]['requests']:,} / after {checkpoints[1]['requests']:,} "

@@ -4,8 +4,8 @@
 --
 --   wrk ... -s tests/bench/rotate_tokens.lua URL -- TOKENS_FILE [STOP_AFTER] [BODY]
 --
--- STOP_AFTER > 0 stops each thread after that many responses (the memory benchmark counts
--- requests, not seconds). done() prints one `BENCH-JSON {...}` line for tests/bench/common.py.
+-- STOP_AFTER > 0 ends the run once a thread has that many responses (the memory benchmark
+-- counts requests, not seconds; run it with -t1). done() prints one `BENCH-JSON {...}` line for tests/bench/common.py.
 
 local requests = {}
 local count = 0
@@ -39,8 +39,12 @@ function init(args)
         -- defined only when needed: wrk parses responses for Lua only if `response` exists
         response = function(status, headers, body)
             responses = responses + 1
-            if responses >= stop_after then
+            if responses == stop_after then
                 wrk.thread:stop()
+                -- wrk's main thread sleeps out -d whatever the threads do; SIGINT (the Ctrl-C
+                -- it handles) ends that sleep, and it prints its summary as usual; sent from the
+                -- background, as system() ignores SIGINT in wrk until the shell returns
+                os.execute("(sleep 0.1; kill -INT $PPID) &")
             end
         end
     end

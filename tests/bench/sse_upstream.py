@@ -34,13 +34,16 @@ def _chunk(data: str) -> bytes:
     return b"%x\r\n%s\r\n" % (len(raw), raw)
 
 
+_EVENT_START: Final = (
+    'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1767225600,'
+    '"model":"gpt-5.6","choices":[{"index":0,"delta":{"content":"tok'
+)
+_EVENT_MIDDLE: Final = ' "},"finish_reason":null}],"bench":{"i":'
+
+
 def _event(i: int) -> bytes:
-    payload = (
-        '{"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1767225600,'
-        '"model":"gpt-5.6","choices":[{"index":0,"delta":{"content":"tok%d "},'
-        '"finish_reason":null}],"bench":{"i":%d,"t":%.6f}}' % (i, i, time.monotonic())
-    )
-    return _chunk(f"data: {payload}\n\n")
+    stamp = f"{time.monotonic():.6f}"
+    return _chunk(f'{_EVENT_START}{i}{_EVENT_MIDDLE}{i},"t":{stamp}}}}}\n\n')
 
 
 def _wants_usage(body: bytes) -> bool:

@@ -32,13 +32,13 @@ from tests.bench.common import Processes
 from tests.bench.common import Tokens
 from tests.bench.common import cpu_seconds
 from tests.bench.common import fmt
-from tests.bench.common import free_port
 from tests.bench.common import median
 from tests.bench.common import percentile
 from tests.bench.common import start_bare_mitmdump
 from tests.bench.common import start_gate
 from tests.bench.common import table
 from tests.bench.common import wait_listening
+from tests.redis_server import free_port
 
 __all__ = ["run"]
 
@@ -235,7 +235,7 @@ def run(*, rounds: int = 3) -> dict[str, Any]:
         rows.append(["median", f"{name} - direct", "", "", "", "", "", "", "", *cells, "", ""])
     print(table(["round", "path", "events", "complete", "framing", "p50", "p99",
                  "steady p50", "steady p99", "+p50", "+p99", "+steady p50", "+steady p99",
-                 "CPU us/event", "CPU %"], rows))
+                 "CPU us/event", "CPU %"], rows, align="ll" + "r" * 12))
     print("delays in ms from the upstream's write to the client's read; + is the path's "
           "percentile minus direct's; steady: events sent after every stream had begun; CPU: the "
           "proxy's, over the run, per event relayed and as a share of one core")

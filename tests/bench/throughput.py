@@ -116,17 +116,13 @@ def compare(procs: Processes, a: Target, b: Target, tokens: Tokens, mode: Mode, 
     med_b = median([r["b"]["rps"] for r in per_round])
     rps_ratio = median([r["rps_ratio"] for r in per_round])
     p50_ratio = median([r["p50_ratio"] for r in per_round])
-    rows.append(["median", a.label, fmt(med_a), fmt(median([r["a"]["p50_ms"] for r in per_round]), 2),
-                 fmt(median([r["a"]["p90_ms"] for r in per_round]), 2),
-                 fmt(median([r["a"]["p99_ms"] for r in per_round]), 2),
-                 fmt(median([r["a"]["cpu_ms_per_request"] for r in per_round]), 2), "", "", ""])
-    rows.append(["median", b.label, fmt(med_b), fmt(median([r["b"]["p50_ms"] for r in per_round]), 2),
-                 fmt(median([r["b"]["p90_ms"] for r in per_round]), 2),
-                 fmt(median([r["b"]["p99_ms"] for r in per_round]), 2),
-                 fmt(median([r["b"]["cpu_ms_per_request"] for r in per_round]), 2), "",
-                 fmt(rps_ratio, 2), fmt(p50_ratio, 2)])
+    for side, proxy in (("a", a), ("b", b)):
+        rows.append(["median", proxy.label, fmt(med_a if side == "a" else med_b), *(
+            fmt(median([r[side][key] for r in per_round]), 2)
+            for key in ("p50_ms", "p90_ms", "p99_ms", "cpu_ms_per_request")), "",
+            *(("", "") if side == "a" else (fmt(rps_ratio, 2), fmt(p50_ratio, 2)))])
     print(table(["round", "side", "req/s", "p50 ms", "p90 ms", "p99 ms", "CPU ms/req",
-                 "errors", "A/B req/s", "A/B p50"], rows))
+                 "errors", "A/B req/s", "A/B p50"], rows, align="llrrrrrrrr"))
     errors = sum(r["a"]["errors"] + r["b"]["errors"] for r in per_round)
     if mode is LATENCY:
         verdict = "met" if p50_ratio <= P50_TARGET else "NOT met"
@@ -158,7 +154,8 @@ def _check_allowed(url: str, label: str, tokens: Tokens) -> None:
         raise BenchError(f"{label} refused an approved request ({status}): {body[:500]}")
 
 
-def run(*, backend: str, modes: Sequence[Mode], rounds: int, seconds: float) -> list[dict[str, Any]]:
+def run(*, backend: str, modes: Sequence[Mode], rounds: int,
+        seconds: float) -> list[dict[str, Any]]:
     """Start nginx, the gate and the bare mitmdump (and redis-server for backend "redis"),
     then compare them in each mode. Everything started is stopped before returning."""
     ensure_debian_packages({"nginx": "nginx-light", "wrk": "wrk"})
