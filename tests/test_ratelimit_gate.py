@@ -129,6 +129,24 @@ class TestTokensPerMinute:
         assert line["completion_tokens"] == len(gate.upstream.reply.split())
         assert "usage_estimated" not in line
 
+    def test_dropped_usage_event_does_not_end_the_body_early(self, gate: Gate) -> None:
+        """Regression: dropping the usage event once sent an empty chunk, which ends an
+        HTTP/1.1 chunked body; the rest of the stream was left on the keep-alive connection,
+        and the client's next request on it read garbage."""
+        import http.client
+        token = gate.authority.issue()
+        conn = http.client.HTTPConnection("127.0.0.1", gate.port, timeout=10)
+        body = json.dumps({"model": "gpt-5.6", "messages": MESSAGES, "stream": True})
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        conn.request("POST", "/v1/chat/completions", body, headers)
+        streamed = conn.getresponse().read()
+        assert streamed.rstrip().endswith(b"data: [DONE]")
+        assert b'"choices":[]' not in streamed  # the usage event the client did not ask for
+        conn.request("POST", "/v1/chat/completions", body, headers)  # same connection
+        second = conn.getresponse()
+        assert second.status == 200 and second.read().rstrip().endswith(b"data: [DONE]")
+        conn.close()
+
     def test_stream_usage_shown_when_the_client_asks(self, gate: Gate) -> None:
         chunks = list(gate.client(gate.authority.issue()).chat.completions.create(
             model="gpt-5.6", messages=MESSAGES, stream=True,

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC
@@ -138,6 +139,18 @@ def check_header_fields(fields: Sequence[tuple[bytes, bytes]]) -> None:
             raise InvalidRequest("a header value holds a line break or NUL (obs-fold?)")
     if total > MAX_HEADER_BYTES:
         raise HeadersTooLarge(f"{total} bytes of headers; the limit is {MAX_HEADER_BYTES}")
+
+
+def chunks_to_send(sse: SseUsage) -> Callable[[bytes], list[bytes]]:
+    """The stream callable for mitmproxy. It must never hand back an empty chunk: mitmproxy
+    writes it as a zero-length HTTP/1.1 chunk, which ends the chunked body early and leaves
+    the rest of the stream on the connection as garbage."""
+
+    def relay(chunk: bytes) -> list[bytes]:
+        data = sse(chunk)
+        return [data] if data else []
+
+    return relay
 
 
 def rfc3339_now() -> str:
@@ -430,7 +443,7 @@ class CohortGate:
             rec.stream = True
             rec.sse = SseUsage(drop_usage_event=rec.hide_usage,
                                prompt_estimate=rec.prompt_estimate)
-            flow.response.stream = rec.sse
+            flow.response.stream = chunks_to_send(rec.sse)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         rec = flow.metadata.get(META)

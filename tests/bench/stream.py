@@ -141,16 +141,18 @@ async def one_stream(port: int, token: str | None) -> StreamResult:
     return result
 
 
-async def _all_streams(port: int, tokens: tuple[str, ...] | None) -> list[StreamResult]:
+async def _all_streams(port: int, tokens: tuple[str, ...] | None,
+                       streams: int) -> list[StreamResult]:
     timeout = EVENTS * INTERVAL + 60
-    jobs = [one_stream(port, tokens[i] if tokens else None) for i in range(STREAMS)]
+    jobs = [one_stream(port, tokens[i] if tokens else None) for i in range(streams)]
     return await asyncio.wait_for(asyncio.gather(*jobs), timeout)
 
 
-def measure(port: int, tokens: tuple[str, ...] | None, pid: int | None) -> dict[str, Any]:
+def measure(port: int, tokens: tuple[str, ...] | None, pid: int | None,
+            streams: int) -> dict[str, Any]:
     """All the streams through one path; with `pid`, that proxy's CPU use meanwhile."""
     cpu_before, started = (cpu_seconds(pid) if pid else 0.0), time.monotonic()
-    results = asyncio.run(_all_streams(port, tokens))
+    results = asyncio.run(_all_streams(port, tokens, streams))
     wall = time.monotonic() - started
     cpu = cpu_seconds(pid) - cpu_before if pid else float("nan")
     delays_ms = [d * 1000 for r in results for d in r.delays]
@@ -160,10 +162,10 @@ def measure(port: int, tokens: tuple[str, ...] | None, pid: int | None) -> dict[
                  if s > begun]
     errors = [r.error for r in results if r.error]
     return {
-        "streams": STREAMS,
+        "streams": streams,
         "complete": sum(1 for r in results if r.done and r.events == EVENTS),
         "events": sum(r.events for r in results),
-        "expected": STREAMS * EVENTS,
+        "expected": streams * EVENTS,
         "p50_ms": percentile(delays_ms, 50),
         "p99_ms": percentile(delays_ms, 99),
         "max_ms": max(delays_ms, default=float("nan")),
@@ -179,11 +181,11 @@ def measure(port: int, tokens: tuple[str, ...] | None, pid: int | None) -> dict[
     }
 
 
-def run(*, rounds: int = 3) -> dict[str, Any]:
+def run(*, rounds: int = 3, streams: int = STREAMS) -> dict[str, Any]:
     """Start the SSE upstream, a streaming bare mitmdump and the gate; run the rounds."""
     with tempfile.TemporaryDirectory(prefix="cohortgate-bench-") as tmp, Processes() as procs:
         workdir = Path(tmp)
-        tokens = Tokens.issue(workdir, STREAMS)
+        tokens = Tokens.issue(workdir, streams)
         port = free_port()
         log = workdir / "sse-upstream.log"
         upstream = procs.start(
@@ -197,7 +199,7 @@ def run(*, rounds: int = 3) -> dict[str, Any]:
         gate = start_gate(procs, workdir, upstream_port=port, jwks=tokens.jwks)
         paths = (("direct", port, None, None), ("mitmdump", bare_port, None, bare.pid),
                  ("gate", gate.port, tokens.tokens, gate.pid))
-        print(f"\n== stream: {STREAMS} concurrent SSE streams x {EVENTS} events, "
+        print(f"\n== stream: {streams} concurrent SSE streams x {EVENTS} events, "
               f"{INTERVAL * 1000:g} ms apart; {rounds} rounds of direct, bare mitmdump "
               f"(stream_large_bodies=1), gate ==", flush=True)
         rows: list[list[str]] = []
@@ -205,7 +207,7 @@ def run(*, rounds: int = 3) -> dict[str, Any]:
         for n in range(1, rounds + 1):
             measured: dict[str, dict[str, Any]] = {}
             for name, p, toks, pid in paths:
-                measured[name] = measure(p, toks, pid)
+                measured[name] = measure(p, toks, pid, streams)
                 time.sleep(0.5)
             direct = measured["direct"]
             for name, m in measured.items():
@@ -226,7 +228,7 @@ def run(*, rounds: int = 3) -> dict[str, Any]:
             per_round.append({"round": n, **measured})
         if gate.proc.poll() is not None:
             raise BenchError(f"the gate exited:\n{gate.stderr.read_text()[-2000:]}")
-    summary: dict[str, Any] = {"rounds": per_round}
+    summary: dict[str, Any] = {"streams": streams, "rounds": per_round}
     for name in ("mitmdump", "gate"):
         cells = []
         for key in ("p50_ms", "p99_ms", "steady_p50_ms", "steady_p99_ms"):
@@ -235,12 +237,12 @@ def run(*, rounds: int = 3) -> dict[str, Any]:
         rows.append(["median", f"{name} - direct", "", "", "", "", "", "", "", *cells, "", ""])
     print(table(["round", "path", "events", "complete", "framing", "p50", "p99",
                  "steady p50", "steady p99", "+p50", "+p99", "+steady p50", "+steady p99",
-                 "CPU us/event", "CPU %"], rows, align="ll" + "r" * 12))
+                 "CPU us/event", "CPU %"], rows, align="ll" + "r" * 13))
     print("delays in ms from the upstream's write to the client's read; + is the path's "
           "percentile minus direct's; steady: events sent after every stream had begun; CPU: the "
           "proxy's, over the run, per event relayed and as a share of one core")
     delivered = all(r["gate"]["events"] == r["gate"]["expected"] for r in per_round)
-    complete = all(r["gate"]["complete"] == STREAMS for r in per_round)
+    complete = all(r["gate"]["complete"] == streams for r in per_round)
     added99 = summary["gate_added_p99_ms"]
     verdict = "met" if delivered and complete and added99 < P99_TARGET_MS else "NOT met"
     print(f"through the gate: every event delivered: {'yes' if delivered else 'NO'}; every "
