@@ -32,6 +32,21 @@ logger = logging.getLogger("cohortgate")
 IDLE_TIMEOUT = 3600
 
 
+def skip_debug_type_checks() -> None:
+    """mitmproxy type-checks every field of every request and response it builds, inside
+    `if __debug__:` (what `python -O` removes): about 6% of the CPU per request. `serve` does
+    without it; mitmdump running the addon keeps it. tests/test_server.py guards the name."""
+    from mitmproxy.http import MessageData
+
+    if "__post_init__" in vars(MessageData):
+        # a no-op, not a deletion: the dataclasses' generated __init__ calls the hook
+        MessageData.__post_init__ = _no_post_init  # type: ignore[method-assign]
+
+
+def _no_post_init(self: object) -> None:
+    return None
+
+
 def proxy_options(runtime: Runtime, confdir: Path) -> options.Options:
     cfg = runtime.config
     host, port = cfg.listen
@@ -74,6 +89,7 @@ def combined_pem(cert: Path, key: Path, confdir: Path) -> Path:
 
 async def run(runtime: Runtime) -> int:
     """Serve until SIGINT or SIGTERM. Returns the process exit code."""
+    skip_debug_type_checks()
     with tempfile.TemporaryDirectory(prefix="cohortgate-mitmproxy-") as confdir:
         master = Master(proxy_options(runtime, Path(confdir)))
         master.addons.add(
