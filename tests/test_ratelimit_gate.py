@@ -261,3 +261,16 @@ class TestRedisFailure:
             time.sleep(0.2)
         else:
             pytest.fail("the gate did not return to Redis after it came back")
+
+
+def test_redis_flushed_mid_run_restarts_the_buckets_and_keeps_serving(
+        gate_factory: Any, redis: RedisServer) -> None:
+    """FLUSHALL loses the buckets: every customer starts full again (Redis keeps nothing that
+    is not also elsewhere); the gate neither errors nor falls back."""
+    gate: Gate = gate_factory(sections=redis_sections(redis.url, on_error="closed"))
+    token = gate.authority.issue(rpm=2)
+    assert [post(gate, token)[0] for _ in range(3)] == [200, 200, 429]
+    assert redis.cli("DBSIZE").strip() != "0"
+    redis.cli("FLUSHALL")
+    assert [post(gate, token)[0] for _ in range(3)] == [200, 200, 429]
+    assert all(line["reason"] != "ratelimit_unavailable" for line in gate.wait_log(6))
