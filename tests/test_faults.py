@@ -70,10 +70,14 @@ class TestDecisionLogUnwritable:
             assert time.monotonic() < deadline, "the gate did not recover"
             time.sleep(0.2)
         requests_made = len(statuses) + 1 + 1
-        lines = gate.log_lines()
-        # every request has its line, the waiting ones included, and the chain is whole
-        assert len(lines) >= requests_made
-        assert sum(1 for ln in lines if ln["decision"] == "allow") >= served + 1
+        # every request has its line, the waiting ones included (the last one is written by
+        # the log's thread just after its response), and the chain is whole
+        lines = gate.wait_log(requests_made)
+        deadline = time.monotonic() + 5
+        while sum(1 for ln in lines if ln["decision"] == "allow") < served + 1:
+            assert time.monotonic() < deadline, "an allowed request has no line"
+            time.sleep(0.05)
+            lines = gate.log_lines()
         assert verify_chain([gate.log]).ok
         assert len(gate.upstream.requests) == served + 1  # nothing served unrecorded
 

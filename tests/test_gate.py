@@ -198,6 +198,7 @@ class TestDenied:
         status, _, body = post(gate, {}, path=f"/v1/chat/completions?access_token={token}")
         assert status == 401
         assert json.loads(body)["error"]["code"] == "missing_token"
+        assert gate.wait_log(1)[-1]["path"] == "/v1/chat/completions"
         assert token not in gate.log.read_text()
 
     def test_model_outside_the_approval(self, gate: Gate) -> None:
