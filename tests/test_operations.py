@@ -158,6 +158,11 @@ def test_https_trust_store_survives_its_server_going_down(
     assert os.environ["SSL_CERT_FILE"]
     try:
         restarted: Gate = gate_factory(jwks_url=server.url)
+        # the proxy listens before its first fetch ends; /readyz says when keys are loaded
+        deadline = time.monotonic() + 10
+        while get(restarted.admin_url + "/readyz")[0] != 200:
+            assert time.monotonic() < deadline, "the https trust store never loaded"
+            time.sleep(0.05)
         token = authority.issue()
         assert restarted.client(token).chat.completions.create(model="gpt-5.6",
                                                                messages=MESSAGES).choices
