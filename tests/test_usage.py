@@ -892,3 +892,17 @@ def test_random_bytes_never_raise(chunks: list[bytes], drop: bool) -> None:
     if not drop:
         assert out == b"".join(chunks)
     assert watcher.finished
+
+
+@pytest.mark.parametrize(("body", "given"), [
+    ({"messages": [], "max_tokens": 5}, True),
+    ({"messages": [], "max_completion_tokens": 5}, True),
+    ({"input": "x", "max_output_tokens": 5}, True),
+    ({"messages": []}, False),
+    ({"messages": [], "max_tokens": -5}, False),  # not a limit: the reserve is a guess
+    ({"messages": [], "max_tokens": True}, False),
+    ({"input": "x", "encoding_format": "float"}, False),
+])
+def test_reservation_says_whether_the_request_named_its_maximum(
+        body: dict[str, Any], given: bool) -> None:
+    assert reserve_tokens(body).max_given is given

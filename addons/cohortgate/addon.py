@@ -334,7 +334,8 @@ class CohortGate:
         # the client's Connection options were for this hop; forwarded, they could make the
         # next hop strip the identity headers added below (RFC 9110 7.6.1)
         headers.pop("connection", None)
-        if any("close" in value.lower() for value in connection):
+        if any(option.strip().lower() == "close"
+               for value in connection for option in value.split(",")):
             headers["Connection"] = "close"
         # origin-form: an absolute-form target would name another host to the upstream
         flow.request.authority = ""
@@ -408,7 +409,7 @@ class CohortGate:
         assert rec.limit_key is not None and rec.quota is not None
         reservation = reserve_tokens(body, path=path)
         tokens = reservation.total
-        if not _explicit_max_tokens(body):
+        if not reservation.max_given:
             # without a max_tokens the completion reserve is a guess: never let the guess
             # alone make a request impossible
             tokens = min(tokens, rec.quota.tpm)
@@ -595,13 +596,6 @@ class CohortGate:
             decision=decision, reason=reason, phase=rec.phase, latency_s=latency,
             upstream_status=upstream_status, cohort=approval.cohort if approval else None,
             prompt_tokens=record["prompt_tokens"], completion_tokens=record["completion_tokens"])
-
-
-def _explicit_max_tokens(body: dict[str, Any] | None) -> bool:
-    if body is None:
-        return False
-    return any(isinstance(body.get(k), int) for k in
-               ("max_tokens", "max_completion_tokens", "max_output_tokens"))
 
 
 def _stack_has_client_tls(top: layer.Layer | None) -> bool:

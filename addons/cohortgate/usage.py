@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
 
 __all__ = [
@@ -48,6 +49,9 @@ class Reservation:
 
     prompt: int
     completion: int
+    # the request named its largest completion (a positive max_tokens or kin); otherwise the
+    # completion part is a guess
+    max_given: bool = field(default=False, compare=False)
 
     @property
     def total(self) -> int:
@@ -82,17 +86,17 @@ def reserve_tokens(body: Mapping[str, Any] | None, *, path: str | None = None) -
     for key in ("tools", "functions", "response_format"):
         tally.add_json(body.get(key))
     prompt = max(1, tally.estimate())
-    if _is_embeddings(body, path):
-        return Reservation(prompt, 0)
-    limit = (
+    given = (
         _positive_int(body.get("max_completion_tokens"))
         or _positive_int(body.get("max_tokens"))
         or _positive_int(body.get("max_output_tokens"))
-        or DEFAULT_COMPLETION_RESERVE
     )
+    if _is_embeddings(body, path):
+        return Reservation(prompt, 0, max_given=given is not None)
     # legacy completions generate best_of choices and bill them all
     choices = max(_positive_int(body.get("n")) or 1, _positive_int(body.get("best_of")) or 1)
-    return Reservation(prompt, limit * choices)
+    return Reservation(prompt, (given or DEFAULT_COMPLETION_RESERVE) * choices,
+                       max_given=given is not None)
 
 
 def _positive_int(value: Any) -> int | None:
