@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cohortgate import __version__
+from cohortgate.config import ASYMMETRIC_ALGORITHMS
 from cohortgate.config import Config
 from cohortgate.config import ConfigError
 from cohortgate.config import describe
@@ -26,6 +27,7 @@ from cohortgate.tail import add_parsers as add_tail_parsers
 from cohortgate.units import parse_duration
 
 DEFAULT_CONFIG = "config/cohortgate.toml"
+ALGORITHMS = sorted(ASYMMETRIC_ALGORITHMS)
 EXIT_OK, EXIT_NEGATIVE, EXIT_USAGE = 0, 1, 2
 
 
@@ -322,12 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     k = ksub.add_parser("init", help="first signing key + jwks.json")
     k.add_argument("--dir", default="keys")
-    k.add_argument("--alg", default="EdDSA", choices=["EdDSA", "ES256", "ES384", "RS256", "PS256"])
+    k.add_argument("--alg", default="EdDSA", choices=ALGORITHMS)
     k.add_argument("--kid")
     k.set_defaults(func=cmd_keys_init)
     k = ksub.add_parser("rotate", help="a new signing key; old public keys stay trusted")
     k.add_argument("--dir", default="keys")
-    k.add_argument("--alg", choices=["EdDSA", "ES256", "ES384", "RS256", "PS256"])
+    k.add_argument("--alg", choices=ALGORITHMS)
     k.add_argument("--kid")
     k.set_defaults(func=cmd_keys_rotate)
 
