@@ -287,7 +287,8 @@ class Runtime:
         if self.log.failing is not None:
             ready = False
             checks["decision_log"] = (f"cannot write ({self.log.failing}); "
-                                      f"{self.log.backlog} lines waiting")
+                                      f"{self.log.backlog} lines waiting, "
+                                      f"{self.dropped_lines} refusal lines dropped")
         else:
             checks["decision_log"] = "ok"
         return ready, {"ready": ready, "checks": checks}
