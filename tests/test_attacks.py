@@ -12,8 +12,8 @@ CVE-2018-0114 (a key carried in the token trusted), CVE-2024-53861 (partial issu
 CVE-2026-32597 (ignored `crit`). HTTP cases follow RFC 9112 (message framing, request smuggling)
 and RFC 9110 section 7.6.1 (hop-by-hop headers).
 
-Tests marked `xfail(strict=True, reason="DEFECT: ...")` describe a defence the gate lacks today;
-they fail for as long as the defect is there and turn into an error once it is fixed.
+A case found open is first written as `xfail(strict=True, reason="DEFECT: ...")`, which fails
+once the defence exists; none is open today.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID
 from cryptography.x509.oid import NameOID
 
+from cohortgate.addon import MAX_HEADER_BYTES
 from cohortgate.addon import header_value
+from cohortgate.http1guard import MAX_HEAD_BYTES
 from cohortgate.keys import PrivateKey
 from cohortgate.keys import generate_key
 from cohortgate.keys import init_keys
@@ -1305,32 +1307,51 @@ class TestRequestTarget:
 class TestOversizedRequests:
     MEGABYTE = 1 << 20
 
-    def test_megabyte_header_without_a_token_refused_and_proxy_healthy(
+    def test_megabyte_header_without_a_token_431_and_proxy_healthy(
             self, gate: Gate, keys: Keys) -> None:
-        ex = exchange(gate, request_bytes([("X-Big", "a" * self.MEGABYTE)]))
-        assert_denied(ex, 401, "missing_token")
+        """A head over http1guard.MAX_HEAD_BYTES is refused by the HTTP layer before any hook:
+        no identity to log, counted in the metrics like malformed HTTP."""
+        errors = proxy_errors(gate, "headers_too_large")
+        ex = exchange(gate, request_bytes([("X-Big", "a" * self.MEGABYTE)]), decisions=0)
+        assert (ex.status, ex.code) == (431, "headers_too_large"), ex.raw[:600]
+        assert ex.forwarded == [] and ex.upstream_connections == 0 and ex.log_text == []
+        assert proxy_errors(gate, "headers_too_large") == errors + 1
         assert gate.proc.poll() is None
         assert_admitted(exchange(gate, request_bytes(token=keys.token(sub="after-mb"))),
                         "after-mb")
 
     def test_megabyte_token_header_is_431(self, gate: Gate) -> None:
-        ex = exchange(gate, request_bytes(token="a" * self.MEGABYTE))
+        ex = exchange(gate, request_bytes(token="a" * self.MEGABYTE), decisions=0)
+        assert (ex.status, ex.code) == (431, "headers_too_large"), ex.raw[:600]
+        assert ex.forwarded == [] and ex.log_text == []
+
+    def test_token_over_its_limit_is_431_token_too_large(self, gate: Gate) -> None:
+        ex = exchange(gate, request_bytes(token="a" * (MAX_TOKEN_BYTES + 1)))
         assert_denied(ex, 431, "token_too_large")
 
-    def test_megabyte_header_with_a_valid_token_is_431(self, gate: Gate, keys: Keys) -> None:
+    def test_header_fields_over_64k_with_a_valid_token_are_431(self, gate: Gate,
+                                                             keys: Keys) -> None:
         """Found forwarded (the stand-in upstream gave up on the line: 400 or 502); since
-        706cfe5 the header section is limited to 64 KiB."""
+        706cfe5 the header fields are limited to 64 KiB (a decision line: the token is
+        verified first), the whole head to MAX_HEAD_BYTES (by the HTTP layer)."""
         token = keys.token(sub="big-header")
-        ex = exchange(gate, request_bytes([("X-Big", "a" * self.MEGABYTE)], token=token))
+        big = [("X-Big", "a" * (MAX_HEADER_BYTES + 16))]
+        assert len(request_bytes(big, token=token)) < MAX_HEAD_BYTES
+        ex = exchange(gate, request_bytes(big, token=token))
         assert_denied(ex, 431, "headers_too_large", token=token)
         assert_admitted(exchange(gate, request_bytes(token=keys.token(sub="after-big"))),
                         "after-big")
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "DEFECT: mitmproxy reads a request head of any size before any hook runs: a 32 MB "
-        "header line is read to its end (no 431, no close), and a 64 MB one costs about "
-        "300 MB of RSS; a limit in requestheaders comes too late"))
+    def test_head_just_under_the_limit_is_read(self, gate: Gate, keys: Keys) -> None:
+        """The HTTP layer's limit leaves room for the 64 KiB of fields the hook allows."""
+        token = keys.token(sub="big-but-fine")
+        fields = [(f"X-Pad-{i}", "p" * 1000) for i in range(60)]
+        assert len(request_bytes(fields, token=token)) < MAX_HEAD_BYTES
+        assert_admitted(exchange(gate, request_bytes(fields, token=token)), "big-but-fine")
+
     def test_endless_header_line_is_cut_off_early(self, gate: Gate) -> None:
+        """mitmproxy reads a head of any size before any hook ("FIXME: protect against header
+        size DoS"): a 64 MB header line cost ~200 MB of RSS until http1guard bounded it."""
         sent = 0
         with socket.create_connection(("127.0.0.1", gate.port), 10) as s:
             s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: gate.example\r\nX-Big: ")
@@ -1364,22 +1385,37 @@ class TestOversizedRequests:
         assert_denied(ex, 401, "missing_token")
         assert [r.status for r in ex.interim] in ([], [100])
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "DEFECT: a refused request that sent `Expect: 100-continue` gets its 401 only once "
-        "the whole body has been read (mitmproxy writes a response set in requestheaders "
-        "after the request body), so the client uploads it anyway; before 706cfe5 it was "
-        "even invited with `100 Continue`"))
     def test_expect_100_continue_without_a_token_gets_401_before_the_body(
             self, gate: Gate) -> None:
+        """mitmproxy wrote a response set in requestheaders only after the request body, so
+        the client uploaded it anyway (before 706cfe5 it was even invited with `100
+        Continue`); http1guard answers at once and closes (the body may never come)."""
         head = request_bytes([("Expect", "100-continue")], declared_length=10 * self.MEGABYTE)
         ex = exchange(gate, head, idle=1.0)  # the body is never sent
         assert ex.interim == []
         assert_denied(ex, 401, "missing_token")
+        assert ex.headers["connection"] == "close"
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "DEFECT: the body of a request refused in requestheaders is still read and buffered "
-        "in full (up to body_limit): 20 x 10 MB without a token grow the proxy's RSS by about "
-        "90 MB (20 in parallel: +370 MB at the peak)"))
+    def test_refused_body_is_answered_before_it_is_sent(self, gate: Gate) -> None:
+        """Without Expect: the 401 comes before the body; the connection stays usable."""
+        head = request_bytes(declared_length=10 * self.MEGABYTE)
+        ex = exchange(gate, head, idle=1.0)
+        assert_denied(ex, 401, "missing_token")
+        assert "connection" not in ex.headers
+
+    def test_refused_body_is_dropped_and_the_connection_reused(self, gate: Gate,
+                                                              keys: Keys) -> None:
+        """The rest of a refused body is read and dropped; the next request on the same
+        connection is framed right after it (no smuggling through the dropped body)."""
+        body = b"x" * (3 * self.MEGABYTE)
+        smuggled = request_bytes(token=keys.token(sub="smuggled-in-body"))
+        first = request_bytes(body=body[:-len(smuggled)] + smuggled)
+        second = request_bytes(token=keys.token(sub="second-on-conn"))
+        ex = exchange(gate, first + second, decisions=2, finals=2)
+        assert [r.status for r in ex.responses] == [401, 200]
+        assert len(ex.forwarded) == 1
+        assert ex.forwarded[0].header_values("x-cohortgate-customer") == ["second-on-conn"]
+
     def test_large_bodies_without_a_token_keep_memory_bounded(self, gate_factory: Any) -> None:
         fresh: Gate = gate_factory()
         assert_denied(exchange(fresh, request_bytes(body=b"{}")), 401, "missing_token")
@@ -1390,3 +1426,51 @@ class TestOversizedRequests:
             assert_denied(exchange(fresh, request_bytes(body=body)), 401, "missing_token")
             peak = max(peak, rss_bytes(fresh.proc.pid))
         assert peak - baseline <= 50 * self.MEGABYTE, f"RSS grew {(peak - baseline) >> 20} MB"
+
+    def test_large_bodies_in_parallel_without_a_token_keep_memory_bounded(
+            self, gate_factory: Any) -> None:
+        """20 clients at once, 10 MB each, no token: the bodies were buffered until the 401
+        (+370 MB at the peak); now each is dropped as it arrives."""
+        fresh: Gate = gate_factory()
+        assert_denied(exchange(fresh, request_bytes(body=b"{}")), 401, "missing_token")
+        baseline = rss_bytes(fresh.proc.pid)
+        data = request_bytes(body=b"x" * (10 * self.MEGABYTE))
+        statuses: list[int] = []
+        peak = [baseline]
+
+        def client() -> None:
+            statuses.extend(r.status for r in parse_responses(talk(fresh.port, data)))
+            peak.append(rss_bytes(fresh.proc.pid))
+
+        threads = [threading.Thread(target=client) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert statuses == [401] * 20
+        assert fresh.upstream.requests == []
+        grown = max(peak) - baseline
+        assert grown <= 50 * self.MEGABYTE, f"RSS grew {grown >> 20} MB"
+
+    def test_endless_chunked_body_of_a_refused_request_is_cut_at_body_limit(
+            self, gate: Gate) -> None:
+        """The dropped body of a refused request may not hold the connection forever."""
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gate.example\r\n"
+                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (self.MEGABYTE, b"x" * self.MEGABYTE)
+        sent, received = 0, b""
+        with socket.create_connection(("127.0.0.1", gate.port), 10) as s:
+            s.sendall(head)
+            s.settimeout(5)
+            while not parse_responses(received):  # answered before any of the body
+                data = s.recv(65536)
+                assert data, f"closed after {received!r}"
+                received += data
+            with contextlib.suppress(OSError):
+                while sent < 64 * self.MEGABYTE:
+                    s.sendall(chunk)
+                    sent += self.MEGABYTE
+        (response,) = parse_responses(received)
+        assert (response.status, response.code) == (401, "missing_token")
+        assert 16 * self.MEGABYTE <= sent <= 24 * self.MEGABYTE, sent >> 20
+        assert gate.proc.poll() is None

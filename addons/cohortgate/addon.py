@@ -35,6 +35,7 @@ from mitmproxy.proxy.layers import ClientTLSLayer
 from mitmproxy.utils import asyncio_utils
 
 from cohortgate import errorpage
+from cohortgate import http1guard
 from cohortgate.config import Phase
 from cohortgate.config import Quota
 from cohortgate.limiter import Decision
@@ -209,7 +210,7 @@ class CohortGate:
     # ---- lifecycle -------------------------------------------------------------------
 
     def load(self, loader: Any) -> None:
-        errorpage.install()
+        http1guard.install()  # and errorpage's JSON pages
         loader.add_option(
             "cohortgate_config",
             str,

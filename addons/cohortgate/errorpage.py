@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 PROXY_ERRORS: dict[int, tuple[str, str]] = {
     400: ("invalid_request", "The request is not valid HTTP/1.1."),
     413: ("body_too_large", "The request body exceeds the gateway's size limit."),
+    431: ("headers_too_large", "The request headers exceed the gateway's size limit."),
     502: ("upstream_unavailable", "The inference service is unavailable."),
 }
 
