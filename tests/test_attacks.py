@@ -1396,6 +1396,27 @@ class TestOversizedRequests:
         assert_denied(ex, 401, "missing_token")
         assert ex.headers["connection"] == "close"
 
+    def test_expect_100_continue_with_a_valid_token_is_invited_and_forwarded(
+            self, gate: Gate, keys: Keys) -> None:
+        """The early answer is for refusals only: an admitted request is invited to send its
+        body (100 Continue) and forwarded with it."""
+        head = request_bytes([("Expect", "100-continue")], token=keys.token(sub="expecting"),
+                             declared_length=len(CHAT_BODY))
+        with socket.create_connection(("127.0.0.1", gate.port), 10) as s:
+            s.settimeout(5)
+            s.sendall(head)
+            interim = s.recv(65536)
+            assert interim.startswith(b"HTTP/1.1 100 "), interim
+            s.sendall(CHAT_BODY)
+            received = b""
+            while not parse_responses(received):
+                data = s.recv(65536)
+                assert data, received
+                received += data
+        (response,) = parse_responses(received)
+        assert response.status == 200
+        assert gate.upstream.requests[-1].body == CHAT_BODY
+
     def test_refused_body_is_answered_before_it_is_sent(self, gate: Gate) -> None:
         """Without Expect: the 401 comes before the body; the connection stays usable."""
         head = request_bytes(declared_length=10 * self.MEGABYTE)
