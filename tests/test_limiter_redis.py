@@ -77,9 +77,13 @@ async def test_two_replicas_share_one_limit(server: RedisServer) -> None:
         assert {d.refused for d in refused} == {"requests"}
         # a request refills every 6 s; a few ms have passed since the bucket ran dry
         assert all(5.5 < d.retry_after <= 6.0 for d in refused)
-        # both replicas admitted some: the limit is shared, not split
-        allowed_by = {i % 2 for i, d in enumerate(decisions) if d.allowed}
-        assert allowed_by == {0, 1}
+        # shared, not split: 10 in all (each replica's batch may take any share of them), and
+        # a replica that admitted none of them sees the bucket empty
+        for replica in replicas:
+            assert not (await replica.acquire("acme", quota, 0)).allowed
+        first = await replicas[0].acquire("beta", quota, 100)
+        second = await replicas[1].acquire("beta", quota, 100)
+        assert (first.requests.remaining, second.requests.remaining) == (9, 8)
     finally:
         for replica in replicas:
             await replica.close()
@@ -177,18 +181,101 @@ async def test_key_is_one_hash_under_a_hash_tag(server: RedisServer, admin: Redi
         await limiter.close()
 
 
-async def test_more_callers_than_connections_queue(server: RedisServer, admin: Redis) -> None:
-    """redis-py's pool refuses a caller beyond its size ("Too many connections"); the limiter
-    makes them wait their turn instead, so a burst of traffic never reads as Redis failing."""
-    limiter = RedisLimiter(server.url, timeout=2.0, max_in_flight=4)
+async def evalsha_calls(admin: Redis) -> int:
+    stats = await admin.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("max_batch", [1, 16, 128])
+async def test_a_burst_is_batched_on_one_connection(server: RedisServer, admin: Redis,
+                                                    max_batch: int) -> None:
+    """300 callers at once: the queue goes out in batches of at most max_batch, one call in
+    flight (redis-py's pool would refuse callers beyond its size, reading as Redis failing)."""
+    limiter = RedisLimiter(server.url, timeout=2.0, max_batch=max_batch)
     try:
+        await limiter.ping()
+        before = await evalsha_calls(admin)
         quota = Quota(rpm=5, tpm=100_000)
         decisions = await asyncio.gather(*(limiter.acquire("acme", quota, 1) for _ in range(300)))
-        assert sum(d.allowed for d in decisions) == 5
+        assert [d.allowed for d in decisions] == [True] * 5 + [False] * 295  # in call order
+        calls = await evalsha_calls(admin) - before
+        assert -(-300 // max_batch) <= calls <= -(-300 // max_batch) + 1
         clients = (await admin.info("clients"))["connected_clients"]
-        assert clients <= 1 + 4 + 4  # this admin connection, the scripts, the headroom
+        assert clients <= 1 + 1 + 1  # this admin connection, the batches, _prepare's
     finally:
         await limiter.close()
+
+
+@pytest.mark.parametrize(("settle_first", "allowed"), [(True, True), (False, False)])
+async def test_operations_run_in_the_order_they_were_asked(
+        server: RedisServer, settle_first: bool, allowed: bool) -> None:
+    """A refund queued before a decision (in the same batch) is in force for it: the
+    response's settle reaches Redis before the next request's acquire."""
+    limiter = RedisLimiter(server.url, timeout=2.0)
+    try:
+        quota = Quota(rpm=100, tpm=1000)
+        assert (await limiter.acquire("acme", quota, 900)).allowed
+        refund = limiter.settle("acme", quota, -800, "redis")
+        acquire = limiter.acquire("acme", quota, 500)
+        pair = [refund, acquire] if settle_first else [acquire, refund]
+        results = await asyncio.gather(*pair)
+        decision = results[1] if settle_first else results[0]
+        assert isinstance(decision, Decision) and decision.allowed is allowed
+    finally:
+        await limiter.close()
+
+
+async def test_a_caller_that_gave_up_is_not_sent(server: RedisServer, admin: Redis) -> None:
+    """Queued behind a stalled batch, an acquire whose caller timed out is dropped, not charged
+    when Redis wakes (the caller was told to fall back)."""
+    limiter = RedisLimiter(server.url, timeout=2.0)
+    try:
+        await limiter.ping()
+        sleeper = server.stall(0.5)
+        await asyncio.sleep(0.1)  # DEBUG SLEEP has started
+        quota = Quota(rpm=10, tpm=1000)
+        in_flight = asyncio.ensure_future(limiter.acquire("first", quota, 1))
+        await asyncio.sleep(0.05)  # sent, stalled
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(limiter.acquire("gave-up", quota, 1), 0.1)
+        assert (await in_flight).allowed
+        await asyncio.to_thread(sleeper.wait)
+        await limiter.acquire("after", quota, 1)  # the queue has been sent since
+        assert await admin.exists(redis_key("first"))
+        assert not await admin.exists(redis_key("gave-up"))
+    finally:
+        await limiter.close()
+
+
+async def test_a_failed_batch_fails_every_caller_and_recovers(server: RedisServer) -> None:
+    limiter = RedisLimiter(server.url, timeout=0.5)
+    try:
+        quota = Quota(rpm=10, tpm=1000)
+        await limiter.acquire("acme", quota, 1)
+        server.kill()
+        results = await asyncio.gather(*(limiter.acquire("acme", quota, 1) for _ in range(20)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, (RedisConnectionError, RedisTimeoutError, OSError))
+                   for r in results), results
+        server.start()
+        decision = await limiter.acquire("acme", quota, 1)
+        assert decision.allowed  # a new server: the bucket starts full again
+    finally:
+        await limiter.close()
+
+
+async def test_close_cancels_the_queue(server: RedisServer) -> None:
+    limiter = RedisLimiter(server.url, timeout=2.0)
+    await limiter.ping()
+    sleeper = server.stall(0.3)
+    await asyncio.sleep(0.1)
+    quota = Quota(rpm=10, tpm=1000)
+    waiting = [asyncio.ensure_future(limiter.acquire("acme", quota, 1)) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    await limiter.close()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+    await asyncio.to_thread(sleeper.wait)
 
 
 # --------------------------------------------------------------------------- no retries

@@ -1,21 +1,28 @@
-"""The Redis limiter: buckets shared by every replica, one Lua script per decision.
+"""The Redis limiter: buckets shared by every replica, decisions batched into one Lua script.
 
-Each decision is one EVALSHA of bucket.lua (one round trip, atomic on the server), with the time
-taken from the Redis server's own clock, so replicas whose clocks disagree still share one bucket.
+Decisions and corrections (settles) queue in the order they are asked for; one EVALSHA of
+bucket.lua runs the whole queue (atomic on the server, in that order) while the next batch
+gathers, so each request costs at most one round trip and, under load, a fraction of one
+(group commit: one call in flight, batches grow with the load). The time is taken from the
+Redis server's own clock, so replicas whose clocks disagree still share one bucket.
 Both buckets of a customer live in one hash, `cg:{<16 hex of sha256(key)>}:b`; the braces are a
 Redis Cluster hash tag, so the script touches a single slot. Every key carries a TTL: it expires
 once both buckets would be full again, which is the same as the key being absent.
 
 Client retries are off: a retried EVALSHA whose first attempt did reach the server would charge
-the request twice. A failure is raised to the caller (see failover.py), never repeated.
+the requests twice. A failure is raised to every caller of the batch (see failover.py), never
+repeated. On a Cluster a batch is split by hash slot, one script per slot, run concurrently.
 `redis+cluster://` and `rediss+cluster://` URLs select redis-py's Cluster client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Final
 
@@ -23,6 +30,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 
 from cohortgate.config import Quota
 from cohortgate.limiter.base import Decision
@@ -36,6 +44,8 @@ BUCKET_SCRIPT: Final = resources.files("cohortgate.limiter").joinpath("bucket.lu
 
 _CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 _POOL_HEADROOM: Final = 4
+_CLUSTER_CALLS: Final = 16
+_Reply = tuple[int, float, float]
 _REFUSED: Final[dict[int, Refused | None]] = {0: None, 1: "requests", 2: "tokens"}
 
 
@@ -75,6 +85,17 @@ def _client(url: str, timeout: float, connections: int) -> Redis | RedisCluster:
     )
 
 
+@dataclass(slots=True)
+class _Op:
+    """One queued decision or correction, and the future its caller waits on."""
+
+    mode: str
+    key: str
+    quota: Quota
+    amount: int
+    future: asyncio.Future[_Reply]
+
+
 class RedisLimiter(Limiter):
     """Token buckets in Redis (or Redis Cluster), shared by every process that uses the same URL."""
 
@@ -86,22 +107,25 @@ class RedisLimiter(Limiter):
         *,
         timeout: float,
         clock: Callable[[], float] | None = None,
-        max_in_flight: int = 64,
+        max_batch: int = 128,
     ) -> None:
         """`clock` (seconds) replaces the server's TIME: tests move time without sleeping.
 
-        At most `max_in_flight` scripts run at once; more callers queue for a turn (redis-py's
-        pool would refuse them with "Too many connections", which reads as Redis being down).
+        At most `max_batch` operations go into one script call (a longer queue is sent in
+        several, one after the other), so one call never holds Redis for long.
         """
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-        # headroom for _prepare's own commands next to a full set of scripts
-        self._client = _client(url, timeout, max_in_flight + _POOL_HEADROOM)
-        self._in_flight = asyncio.Semaphore(max_in_flight)
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        # a Cluster batch runs one script per slot, at most _CLUSTER_CALLS at once
+        self._client = _client(url, timeout, _CLUSTER_CALLS + _POOL_HEADROOM)
+        self._cluster_calls = asyncio.Semaphore(_CLUSTER_CALLS)
+        self._max_batch = max_batch
         self._clock = clock
         self._script = self._client.register_script(BUCKET_SCRIPT)
         self._lock = asyncio.Lock()
         self._ready = False  # topology known and script loaded since the last failure
+        self._queue: list[_Op] = []
+        self._sender: asyncio.Task[None] | None = None
 
     @property
     def cluster(self) -> bool:
@@ -109,7 +133,7 @@ class RedisLimiter(Limiter):
         return isinstance(self._client, RedisCluster)
 
     def _now(self) -> str:
-        """ARGV[5]: the injected clock in microseconds, or "" for the server's TIME."""
+        """ARGV[1]: the injected clock in microseconds, or "" for the server's TIME."""
         if self._clock is None:
             return ""
         return str(round(self._clock() * 1_000_000))
@@ -131,42 +155,98 @@ class RedisLimiter(Limiter):
             await self._client.script_load(BUCKET_SCRIPT)
             self._ready = True
 
-    async def _run(
-        self, mode: str, key: str, quota: Quota, amount: int
-    ) -> tuple[int, float, float]:
-        if not self._ready:
-            await self._prepare()
+    def _submit(self, mode: str, key: str, quota: Quota, amount: int) -> asyncio.Future[_Reply]:
+        """Queue one operation; the sender takes it with the next batch."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_Reply] = loop.create_future()
+        self._queue.append(_Op(mode, key, quota, amount, future))
+        if self._sender is None or self._sender.done():
+            self._sender = loop.create_task(self._send_queue(), name="cohortgate-redis-batch")
+        return future
+
+    async def _send_queue(self) -> None:
+        """Send the queue, batch after batch, until it is empty (one batch in flight)."""
+        while self._queue:
+            # an operation whose caller gave up (a timeout) is not sent at all
+            batch = [op for op in self._queue[: self._max_batch] if not op.future.done()]
+            del self._queue[: self._max_batch]
+            if not batch:
+                continue
+            try:
+                await self._send(batch)
+            except asyncio.CancelledError:
+                for op in batch + self._queue:
+                    op.future.cancel()
+                self._queue.clear()
+                raise
+
+    async def _send(self, batch: list[_Op]) -> None:
         try:
-            async with self._in_flight:
-                reply = await self._script(
-                    keys=[redis_key(key)],
-                    args=[mode, quota.rpm, quota.tpm, amount, self._now()],
-                )
-        except BaseException:
-            self._ready = False  # a failure, a timeout or a cancel: check again before the next
+            if not self._ready:
+                await self._prepare()
+            if isinstance(self._client, RedisCluster):
+                groups: dict[int, list[_Op]] = {}
+                for op in batch:
+                    groups.setdefault(key_slot(redis_key(op.key).encode()), []).append(op)
+                replies = await asyncio.gather(
+                    *(self._cluster_call(group) for group in groups.values()))
+                ordered = [op for group in groups.values() for op in group]
+                flat = [value for reply in replies for value in reply]
+            else:
+                ordered = batch
+                flat = await self._call(batch)
+        except asyncio.CancelledError:
+            self._ready = False
             raise
-        refused, requests_level, tokens_level = reply
-        return int(refused), float(requests_level), float(tokens_level)
+        except Exception as e:
+            self._ready = False  # a failure or a timeout: check again before the next batch
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_exception(e)
+            return
+        for n, op in enumerate(ordered):
+            if not op.future.done():  # its caller may have given up (a timeout)
+                refused, requests_level, tokens_level = flat[3 * n: 3 * n + 3]
+                op.future.set_result(
+                    (int(refused), float(requests_level), float(tokens_level)))
+
+    async def _cluster_call(self, ops: Sequence[_Op]) -> list[bytes | int]:
+        async with self._cluster_calls:
+            return await self._call(ops)
+
+    async def _call(self, ops: Sequence[_Op]) -> list[bytes | int]:
+        args: list[str | int] = [self._now()]
+        for op in ops:
+            args += (op.mode, op.quota.rpm, op.quota.tpm, op.amount)
+        reply: list[bytes | int] = await self._script(
+            keys=[redis_key(op.key) for op in ops], args=args)
+        return reply
 
     async def acquire(self, key: str, quota: Quota, tokens: int) -> Decision:
-        """Take one request and `tokens` from `key`'s buckets, or nothing: one EVALSHA."""
+        """Take one request and `tokens` from `key`'s buckets, or nothing."""
         if tokens < 0:
             raise ValueError(f"tokens must not be negative, got {tokens}")
-        code, requests_level, tokens_level = await self._run("acquire", key, quota, tokens)
+        code, requests_level, tokens_level = await self._submit("acquire", key, quota, tokens)
         return decision_from_levels(
             quota, tokens, _REFUSED[code], requests_level, tokens_level, self.name
         )
 
     async def settle(self, key: str, quota: Quota, delta: int, backend: str) -> None:
-        """Charge (or refund, when negative) `delta` tokens to `key`: one EVALSHA, none for 0."""
+        """Charge (or refund, when negative) `delta` tokens to `key`; nothing is sent for 0.
+
+        Queued at once, so it reaches Redis before any decision asked for after this call."""
         if delta == 0:
             return
-        await self._run("settle", key, quota, delta)
+        await self._submit("settle", key, quota, delta)
 
     async def ping(self) -> None:
         """Reach the server (every primary of a Cluster) and load the script there."""
         await self._prepare(force=True)
 
     async def close(self) -> None:
-        """Close every connection of the client."""
+        """Stop sending (queued callers are cancelled), then close every connection."""
+        if self._sender is not None and not self._sender.done():
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
         await self._client.aclose()
