@@ -10,6 +10,7 @@ import asyncio
 import math
 import uuid
 from collections.abc import AsyncIterator
+from collections.abc import Awaitable
 from collections.abc import Coroutine
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from cohortgate.limiter import Decision
 from cohortgate.limiter import Limiter
 from cohortgate.limiter import MemoryLimiter
 from cohortgate.limiter import RedisLimiter
+from cohortgate.limiter.base import DONE
 from cohortgate.limiter.base import EPSILON
 from tests.redis_server import RedisServer
 from tests.redis_server import redis_server
@@ -455,8 +457,10 @@ class _SyncMemory(Limiter):
     async def acquire(self, key: str, quota: Quota, tokens: int) -> Decision:
         return run_now(self.inner.acquire(key, quota, tokens))
 
-    async def settle(self, key: str, quota: Quota, delta: int, backend: str) -> None:
-        run_now(self.inner.settle(key, quota, delta, backend))
+    def settle(self, key: str, quota: Quota, delta: int, backend: str) -> Awaitable[object]:
+        pending = self.inner.settle(key, quota, delta, backend)
+        assert pending is DONE  # applied before it returned
+        return pending
 
     async def ping(self) -> None:
         return None

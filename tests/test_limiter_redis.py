@@ -215,11 +215,15 @@ async def test_operations_run_in_the_order_they_were_asked(
     try:
         quota = Quota(rpm=100, tpm=1000)
         assert (await limiter.acquire("acme", quota, 900)).allowed
-        refund = limiter.settle("acme", quota, -800, "redis")
-        acquire = limiter.acquire("acme", quota, 500)
-        pair = [refund, acquire] if settle_first else [acquire, refund]
-        results = await asyncio.gather(*pair)
-        decision = results[1] if settle_first else results[0]
+        if settle_first:
+            refund = limiter.settle("acme", quota, -800, "redis")  # queued as it returns
+            acquire = asyncio.ensure_future(limiter.acquire("acme", quota, 500))
+        else:
+            acquire = asyncio.ensure_future(limiter.acquire("acme", quota, 500))
+            await asyncio.sleep(0)  # the acquire has run up to its wait: queued
+            refund = limiter.settle("acme", quota, -800, "redis")
+        await refund
+        decision = await acquire
         assert isinstance(decision, Decision) and decision.allowed is allowed
     finally:
         await limiter.close()

@@ -4,6 +4,7 @@ the in-memory backend or several sharing a real redis-server."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -234,6 +235,44 @@ class TestSharedAcrossReplicas:
                     del pending[port]
             time.sleep(0.05)
         assert not pending, "a replica still accepted the revoked token after 1 s"
+
+
+class TestSettleOffTheResponsePath:
+    def test_stream_end_does_not_wait_for_redis(self, gate_factory: Any,
+                                                redis: RedisServer) -> None:
+        """The correction is queued ahead of later decisions, not awaited: with Redis holding
+        writes (CLIENT PAUSE), the stream still ends at once and its line is written, and the
+        correction lands once Redis takes writes again."""
+        gate: Gate = gate_factory(sections=redis_sections(redis.url, "closed", timeout="10s"))
+        gate.upstream.interval = 0.1
+        token = gate.authority.issue(tpm=100_000)
+        body = json.dumps({"model": "gpt-5.6", "messages": MESSAGES, "stream": True,
+                           "max_tokens": 50_000}).encode()
+        request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                   f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        received = b""
+        done_at = end_at = 0.0
+        with socket.create_connection(("127.0.0.1", gate.port), 10) as s:
+            s.sendall(request)
+            received = s.recv(65536)  # the first event: the decision has been made
+            redis.cli("CLIENT", "PAUSE", "3000", "WRITE")
+            paused_until = time.monotonic() + 3.0
+            while not received.endswith(b"\r\n0\r\n\r\n"):
+                chunk = s.recv(65536)
+                assert chunk, received
+                received += chunk
+                if not done_at and b"data: [DONE]" in received:
+                    done_at = time.monotonic()
+            end_at = time.monotonic()
+        assert done_at and end_at - done_at < 0.5, end_at - done_at
+        line = gate.wait_log(1, timeout=1.0)[-1]
+        assert line["outcome"] == "complete" and line["completion_tokens"] > 0
+        # once Redis takes writes again, the refund of the unused max_tokens is in force (the
+        # next decision is queued behind it); unrefunded, fewer than 50,000 would be left
+        time.sleep(max(0.0, paused_until + 0.2 - time.monotonic()))
+        status, headers, _ = post(gate, token)
+        assert status == 200 and int(headers["x-ratelimit-remaining-tokens"]) > 99_000, headers
 
 
 class TestRedisFailure:

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from cohortgate.config import Phase
 from cohortgate.config import Quota
 from cohortgate.limiter import Decision
 from cohortgate.limiter import LimiterUnavailable
+from cohortgate.limiter.base import DONE
 from cohortgate.policy import admit_cohort
 from cohortgate.policy import check_binding
 from cohortgate.policy import check_model
@@ -186,6 +188,14 @@ class FlowRecord:
     decision: Decision | None = None
     hide_usage: bool = False  # we asked a stream for its usage; the client did not
     sse: SseUsage | None = None
+
+
+async def _settled(pending: Awaitable[object], delta: int) -> None:
+    """Wait for a queued correction; a failure is logged (the limiter counts its own errors)."""
+    try:
+        await pending
+    except Exception as e:  # settling is best effort; the request is already served
+        logger.warning("cohortgate: could not settle %d tokens: %s", delta, e)
 
 
 class RefuseTls(layer.Layer):
@@ -447,7 +457,7 @@ class CohortGate:
                                prompt_estimate=rec.prompt_estimate)
             flow.response.stream = chunks_to_send(rec.sse)
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> None:
         rec = flow.metadata.get(META)
         if not isinstance(rec, FlowRecord) or rec.logged or flow.response is None:
             return
@@ -459,22 +469,22 @@ class CohortGate:
                 usage = rec.sse.usage
             else:
                 usage = usage_from_json(flow.response.content or b"")
-            await self._settle(rec, usage)
+            self._settle(rec, usage)
             self._log(flow, rec, "allow", self._allow_reason(rec), status,
                       upstream_status=status, outcome="complete", usage=usage)
         except Exception:
             logger.exception("cohortgate: internal error in response")
 
-    async def error(self, flow: http.HTTPFlow) -> None:
+    def error(self, flow: http.HTTPFlow) -> None:
         rec = flow.metadata.get(META)
         if not isinstance(rec, FlowRecord) or rec.logged:
             return
         try:
-            await self._log_error(flow, rec)
+            self._log_error(flow, rec)
         except Exception:
             logger.exception("cohortgate: internal error in error")
 
-    async def _log_error(self, flow: http.HTTPFlow, rec: FlowRecord) -> None:
+    def _log_error(self, flow: http.HTTPFlow, rec: FlowRecord) -> None:
         msg = flow.error.msg if flow.error else ""
         if not rec.forwarded:
             if "body_size_limit" in msg:
@@ -487,13 +497,13 @@ class CohortGate:
         reason = self._allow_reason(rec)
         if resp is None and not flow.server_conn.timestamp_tcp_setup:
             # nothing reached the upstream: give the reserved tokens back
-            await self._settle(rec, Usage(0, 0, estimated=False))
+            self._settle(rec, Usage(0, 0, estimated=False))
             self._log(flow, rec, "allow", "upstream_unavailable", 502, outcome="upstream_error")
             return
         # an abort mid-stream: the usage if the upstream sent it, else the reservation stands
         usage = rec.sse.usage if rec.sse is not None else None
         settle = usage if usage is not None and not usage.estimated else None
-        await self._settle(rec, settle)
+        self._settle(rec, settle)
         if "client" in msg.lower():
             self._log(flow, rec, "allow", reason, upstream_status,
                       upstream_status=upstream_status, outcome="aborted", usage=usage)
@@ -502,17 +512,24 @@ class CohortGate:
                       upstream_status if upstream_status is not None else 502,
                       upstream_status=upstream_status, outcome="upstream_error", usage=usage)
 
-    async def _settle(self, rec: FlowRecord, usage: Usage | None) -> None:
-        """Charge the real usage instead of the reservation (None: the reservation stands)."""
+    def _settle(self, rec: FlowRecord, usage: Usage | None) -> None:
+        """Charge the real usage instead of the reservation (None: the reservation stands).
+
+        The limiter applies or queues the correction before this returns (ahead of any later
+        request's decision); the response does not wait for Redis to confirm it."""
         rt, decision = self.runtime, rec.decision
         if usage is None or rt is None or decision is None or rec.limit_key is None:
             return
         delta = usage.total - rec.reserved
         if delta and rec.quota is not None:
             try:
-                await rt.limiter.settle(rec.limit_key, rec.quota, delta, decision.backend)
+                pending = rt.limiter.settle(rec.limit_key, rec.quota, delta, decision.backend)
             except Exception as e:  # settling is best effort; the request is already served
                 logger.warning("cohortgate: could not settle %d tokens: %s", delta, e)
+                return
+            if pending is not DONE:
+                asyncio_utils.create_task(_settled(pending, delta), name="cohortgate-settle",
+                                          keep_ref=True)
 
     @staticmethod
     def _allow_reason(rec: FlowRecord) -> str:

@@ -54,7 +54,10 @@ _DISPATCH = "mitmproxy: hook dispatch (addonmanager)"
 _LOOP = "asyncio event loop and sockets"
 # leaf frames of a thread that waits (py-spy counts some lock waits as busy)
 _WAITS: Final = ("Condition.wait (", "Event.wait (", "Thread.join (", "Queue.get (")
-_ENTRY: Final = ("cohortgate/cli.py", "cohortgate/server.py")  # on every stack: not the addon
+# not the addon: on every stack (cli, server), or mitmproxy's own work under a cohortgate
+# wrapper (http1guard's HTTP/1 state, LeanAddons' hook dispatch): classified as mitmproxy's
+_ENTRY: Final = ("cohortgate/cli.py", "cohortgate/server.py", "cohortgate/http1guard.py")
+_DISPATCH_FUNCTIONS: Final = ("LeanAddons.", "hook_args (")
 # (path fragment, part): the first that matches a frame wins
 _ADDON_PARTS: Final = (
     ("cohortgate/verify.py", _VERIFY),
@@ -72,6 +75,7 @@ _OTHER_PARTS: Final = (
     ("mitmproxy/optmanager.py", "mitmproxy: option reads (a deepcopy per read)"),
     ("mitmproxy/addonmanager.py", _DISPATCH),
     ("mitmproxy/hooks.py", _DISPATCH),
+    ("cohortgate/http1guard.py", _LAYERS),
     ("mitmproxy/net/", _HTTP),
     ("mitmproxy/http.py", _HTTP),
     ("mitmproxy/coretypes/", _HTTP),
@@ -107,7 +111,9 @@ def category(frames: Sequence[str]) -> str:
     for path in reversed(files):
         if "cohortgate/" in path and not path.endswith(_ENTRY):
             return _part(path, _ADDON_PARTS) or "addon"
-    for path in reversed(files):
+    for frame, path in zip(reversed(frames), reversed(files), strict=True):
+        if frame.startswith(_DISPATCH_FUNCTIONS):
+            return _DISPATCH
         label = _part(path, _OTHER_PARTS)
         if label is not None:
             return label

@@ -14,13 +14,17 @@ from __future__ import annotations
 import math
 from abc import ABC
 from abc import abstractmethod
+from collections.abc import Awaitable
+from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Any
 from typing import Final
 from typing import Literal
 
 from cohortgate.config import Quota
 
 __all__ = [
+    "DONE",
     "EPSILON",
     "BucketState",
     "Decision",
@@ -79,12 +83,16 @@ class Limiter(ABC):
         """
 
     @abstractmethod
-    async def settle(self, key: str, quota: Quota, delta: int, backend: str) -> None:
+    def settle(self, key: str, quota: Quota, delta: int, backend: str) -> Awaitable[object]:
         """Charge `delta` = actual tokens - reserved tokens to the tokens bucket of `key`.
 
         Positive takes more (the level may go below zero, so later requests wait); negative gives
         back, never above capacity; 0 does nothing. `backend` is the `Decision.backend` of the
         acquire being settled.
+
+        Not a coroutine: the correction is applied or queued when this returns, ahead of any
+        decision asked for afterwards, so a response need not wait for it. Await the result
+        to know that it was applied (it raises when it could not be).
         """
 
     @abstractmethod
@@ -94,6 +102,19 @@ class Limiter(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release connections and background tasks."""
+
+
+class _Done:
+    """An awaitable that is already done: the result of a settle with nothing left to do."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # a generator that ends at once
+
+
+DONE: Final = _Done()
 
 
 def _bucket(limit: int, level: float) -> BucketState:

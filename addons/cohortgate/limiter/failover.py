@@ -23,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 from collections.abc import Callable
 from typing import Final
 
 from redis.exceptions import RedisError
 
 from cohortgate.config import Quota
+from cohortgate.limiter.base import DONE
 from cohortgate.limiter.base import Decision
 from cohortgate.limiter.base import Limiter
 from cohortgate.limiter.base import LimiterUnavailable
@@ -118,25 +120,32 @@ class FailoverLimiter(Limiter):
             return open_decision(quota)
         raise LimiterUnavailable(f"{self._primary.name} limiter unavailable") from cause
 
-    async def settle(self, key: str, quota: Quota, delta: int, backend: str) -> None:
-        """Send the correction to the backend that decided; drop it for "open" or a down primary."""
+    def settle(self, key: str, quota: Quota, delta: int, backend: str) -> Awaitable[object]:
+        """Send the correction to the backend that decided; drop it for "open" or a down primary.
+
+        Queued with the primary at once; awaiting the result waits (bounded by the timeout) for
+        it to be applied and marks the primary down when it fails."""
         if delta == 0:
-            return
+            return DONE
         if backend == self._primary.name:
             if not self._healthy:
                 log.debug("settle of %+d tokens dropped: %s is down", delta, backend)
-                return
-            generation = self._generation
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await self._primary.settle(key, quota, delta, backend)
-            except _BACKEND_ERRORS as e:
-                self._mark_down(e, generation)
-                log.debug("settle of %+d tokens dropped: %s", delta, _describe(e))
-        elif backend == self._fallback.name:
-            await self._fallback.settle(key, quota, delta, backend)
-        else:
-            log.debug("settle of %+d tokens dropped: decided by %s", delta, backend)
+                return DONE
+            return self._primary_settled(
+                self._primary.settle(key, quota, delta, backend), delta, self._generation)
+        if backend == self._fallback.name:
+            return self._fallback.settle(key, quota, delta, backend)
+        log.debug("settle of %+d tokens dropped: decided by %s", delta, backend)
+        return DONE
+
+    async def _primary_settled(self, pending: Awaitable[object], delta: int,
+                               generation: int) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await pending
+        except _BACKEND_ERRORS as e:
+            self._mark_down(e, generation)
+            log.debug("settle of %+d tokens dropped: %s", delta, _describe(e))
 
     async def ping(self) -> None:
         """Ping the primary, bounded by the timeout; a failure marks it down (and is raised)."""

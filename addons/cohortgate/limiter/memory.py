@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from collections.abc import Callable
 
 from cohortgate.config import Quota
+from cohortgate.limiter.base import DONE
 from cohortgate.limiter.base import EPSILON
 from cohortgate.limiter.base import Decision
 from cohortgate.limiter.base import Limiter
@@ -96,13 +98,13 @@ class MemoryLimiter(Limiter):
             self._store(key, quota, requests_level, tokens_level, at)
         return decision_from_levels(quota, tokens, refused, requests_level, tokens_level, self.name)
 
-    async def settle(self, key: str, quota: Quota, delta: int, backend: str) -> None:
-        """Charge (or refund, when negative) `delta` tokens to `key` (see Limiter)."""
-        if delta == 0:
-            return
-        requests_level, tokens_level, at = self._levels(key, quota, self._clock())
-        tokens_level = min(float(quota.tpm), tokens_level - delta)
-        self._store(key, quota, requests_level, tokens_level, at)
+    def settle(self, key: str, quota: Quota, delta: int, backend: str) -> Awaitable[object]:
+        """Charge (or refund, when negative) `delta` tokens to `key` (see Limiter), at once."""
+        if delta:
+            requests_level, tokens_level, at = self._levels(key, quota, self._clock())
+            tokens_level = min(float(quota.tpm), tokens_level - delta)
+            self._store(key, quota, requests_level, tokens_level, at)
+        return DONE
 
     async def ping(self) -> None:
         """Memory always answers."""

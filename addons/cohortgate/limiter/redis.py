@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
 from cohortgate.config import Quota
+from cohortgate.limiter.base import DONE
 from cohortgate.limiter.base import Decision
 from cohortgate.limiter.base import Limiter
 from cohortgate.limiter.base import Refused
@@ -231,13 +233,13 @@ class RedisLimiter(Limiter):
             quota, tokens, _REFUSED[code], requests_level, tokens_level, self.name
         )
 
-    async def settle(self, key: str, quota: Quota, delta: int, backend: str) -> None:
+    def settle(self, key: str, quota: Quota, delta: int, backend: str) -> Awaitable[object]:
         """Charge (or refund, when negative) `delta` tokens to `key`; nothing is sent for 0.
 
         Queued at once, so it reaches Redis before any decision asked for after this call."""
         if delta == 0:
-            return
-        await self._submit("settle", key, quota, delta)
+            return DONE
+        return self._submit("settle", key, quota, delta)
 
     async def ping(self) -> None:
         """Reach the server (every primary of a Cluster) and load the script there."""
