@@ -30,6 +30,7 @@ from cohortgate.limiter import MemoryLimiter
 from cohortgate.limiter import RedisLimiter
 from cohortgate.limiter import make_limiter
 from cohortgate.limiter import redis_key
+from cohortgate.limiter.redis import SETTLE_DELAY
 from tests.redis_server import RedisCluster
 from tests.redis_server import RedisServer
 from tests.redis_server import free_port
@@ -268,17 +269,51 @@ async def test_a_failed_batch_fails_every_caller_and_recovers(server: RedisServe
         await limiter.close()
 
 
-async def test_close_cancels_the_queue(server: RedisServer) -> None:
+async def test_a_settle_rides_with_the_next_decision(server: RedisServer, admin: Redis) -> None:
+    """A correction is not sent alone when a decision follows it: one call carries both."""
     limiter = RedisLimiter(server.url, timeout=2.0)
+    try:
+        quota = Quota(rpm=10, tpm=1000)
+        await limiter.acquire("acme", quota, 500)
+        before = await evalsha_calls(admin)
+        refund = limiter.settle("acme", quota, -400, "redis")
+        decision = await limiter.acquire("acme", quota, 800)  # fits only after the refund
+        await refund
+        assert decision.allowed
+        assert await evalsha_calls(admin) - before == 1
+        # alone, it is sent after SETTLE_DELAY
+        started = time.perf_counter()
+        await limiter.settle("acme", quota, -100, "redis")
+        assert time.perf_counter() - started < SETTLE_DELAY + 0.5
+        assert await evalsha_calls(admin) - before == 2
+    finally:
+        await limiter.close()
+
+
+async def test_close_sends_what_is_queued(server: RedisServer, admin: Redis) -> None:
+    limiter = RedisLimiter(server.url, timeout=2.0)
+    quota = Quota(rpm=10, tpm=1000)
+    await limiter.acquire("acme", quota, 500)
+    refund = limiter.settle("acme", quota, -300, "redis")
+    await limiter.close()
+    await refund
+    assert float((await admin.hgetall(redis_key("acme")))[b"t"]) > 790
+
+
+async def test_close_gives_up_on_a_stalled_redis_after_the_timeout(server: RedisServer) -> None:
+    limiter = RedisLimiter(server.url, timeout=TIMEOUT)
     await limiter.ping()
-    sleeper = server.stall(0.3)
+    sleeper = server.stall(1)
     await asyncio.sleep(0.1)
     quota = Quota(rpm=10, tpm=1000)
     waiting = [asyncio.ensure_future(limiter.acquire("acme", quota, 1)) for _ in range(3)]
     await asyncio.sleep(0.05)
+    started = time.perf_counter()
     await limiter.close()
+    assert time.perf_counter() - started < TIMEOUT + SLACK
     results = await asyncio.gather(*waiting, return_exceptions=True)
-    assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+    assert all(isinstance(r, (asyncio.CancelledError, RedisTimeoutError)) for r in results), \
+        results
     await asyncio.to_thread(sleeper.wait)
 
 

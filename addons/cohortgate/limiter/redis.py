@@ -2,8 +2,9 @@
 
 Decisions and corrections (settles) queue in the order they are asked for; one EVALSHA of
 bucket.lua runs the whole queue (atomic on the server, in that order) while the next batch
-gathers, so each request costs at most one round trip and, under load, a fraction of one
-(group commit: one call in flight, batches grow with the load). The time is taken from the
+gathers (group commit: one call in flight, batches grow with the load). A decision is sent at
+once; a correction waits for the next decision's batch, at most SETTLE_DELAY, so a request
+costs one round trip and, under load, a fraction of one. The time is taken from the
 Redis server's own clock, so replicas whose clocks disagree still share one bucket.
 Both buckets of a customer live in one hash, `cg:{<16 hex of sha256(key)>}:b`; the braces are a
 Redis Cluster hash tag, so the script touches a single slot. Every key carries a TTL: it expires
@@ -47,6 +48,9 @@ BUCKET_SCRIPT: Final = resources.files("cohortgate.limiter").joinpath("bucket.lu
 _CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 _POOL_HEADROOM: Final = 4
 _CLUSTER_CALLS: Final = 16
+#: How long a correction may wait for a decision's batch to ride with before it is sent alone.
+#: Other replicas see it that much later (a refund: they are stricter meanwhile).
+SETTLE_DELAY: Final = 0.005
 _Reply = tuple[int, float, float]
 _REFUSED: Final[dict[int, Refused | None]] = {0: None, 1: "requests", 2: "tokens"}
 
@@ -122,12 +126,14 @@ class RedisLimiter(Limiter):
         self._client = _client(url, timeout, _CLUSTER_CALLS + _POOL_HEADROOM)
         self._cluster_calls = asyncio.Semaphore(_CLUSTER_CALLS)
         self._max_batch = max_batch
+        self._timeout = timeout
         self._clock = clock
         self._script = self._client.register_script(BUCKET_SCRIPT)
         self._lock = asyncio.Lock()
         self._ready = False  # topology known and script loaded since the last failure
         self._queue: list[_Op] = []
         self._sender: asyncio.Task[None] | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     @property
     def cluster(self) -> bool:
@@ -157,14 +163,26 @@ class RedisLimiter(Limiter):
             await self._client.script_load(BUCKET_SCRIPT)
             self._ready = True
 
-    def _submit(self, mode: str, key: str, quota: Quota, amount: int) -> asyncio.Future[_Reply]:
-        """Queue one operation; the sender takes it with the next batch."""
+    def _submit(self, mode: str, key: str, quota: Quota, amount: int, *,
+                now: bool = True) -> asyncio.Future[_Reply]:
+        """Queue one operation; the sender takes it with the next batch, started now or (for
+        `now=False`) by the next operation that is, or after SETTLE_DELAY."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_Reply] = loop.create_future()
         self._queue.append(_Op(mode, key, quota, amount, future))
-        if self._sender is None or self._sender.done():
-            self._sender = loop.create_task(self._send_queue(), name="cohortgate-redis-batch")
+        if now:
+            self._start_sender()
+        elif self._flush_timer is None:
+            self._flush_timer = loop.call_later(SETTLE_DELAY, self._start_sender)
         return future
+
+    def _start_sender(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._queue and (self._sender is None or self._sender.done()):
+            self._sender = asyncio.get_running_loop().create_task(
+                self._send_queue(), name="cohortgate-redis-batch")
 
     async def _send_queue(self) -> None:
         """Send the queue, batch after batch, until it is empty (one batch in flight)."""
@@ -239,16 +257,22 @@ class RedisLimiter(Limiter):
         Queued at once, so it reaches Redis before any decision asked for after this call."""
         if delta == 0:
             return DONE
-        return self._submit("settle", key, quota, delta)
+        return self._submit("settle", key, quota, delta, now=False)
 
     async def ping(self) -> None:
         """Reach the server (every primary of a Cluster) and load the script there."""
         await self._prepare(force=True)
 
     async def close(self) -> None:
-        """Stop sending (queued callers are cancelled), then close every connection."""
+        """Send what is queued (bounded by the timeout; then the rest is cancelled), then close
+        every connection."""
+        self._start_sender()
         if self._sender is not None and not self._sender.done():
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await asyncio.shield(self._sender)
+            except TimeoutError:
+                self._sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._sender
         await self._client.aclose()
