@@ -127,6 +127,14 @@ def test_audit_verify_exit_codes(gate: Gate) -> None:
     gate.wait_log(3)
     ok = cohortgate("audit", "verify", str(gate.log))
     assert ok.returncode == 0 and "3 lines" in ok.stdout
+    # the README's `audit verify logs/decisions.jsonl*` also names the writer's lock file
+    lock = gate.log.with_name(gate.log.name + ".lock")
+    assert lock.exists()
+    globbed = cohortgate("audit", "verify", *map(str, sorted(gate.log.parent.glob(
+        gate.log.name + "*"))))
+    assert globbed.returncode == 0 and "3 lines" in globbed.stdout, globbed.stdout
+    alone = cohortgate("audit", "verify", str(lock))  # named alone, it is no log
+    assert alone.returncode == 1
     lines = gate.log.read_text().splitlines(keepends=True)
     tampered = gate.workdir / "tampered.jsonl"
     tampered.write_text(lines[0] + lines[1].replace('"status":200', '"status":201') + lines[2])

@@ -529,12 +529,17 @@ def verify_chain(
     OSError.
     """
     unique = list(dict.fromkeys(paths))
+    # `decisions.jsonl*` also matches the writer's lock file, which holds a pid, not lines
+    locks = [p for p in unique
+             if p.name.endswith(".lock") and p.with_name(p.name[: -len(".lock")]) in unique]
+    unique = [p for p in unique if p not in locks]
     sizes = {p: p.stat().st_size for p in unique}
     starts = {p: _first_seq(p) for p in unique if sizes[p] > 0}
     # Files whose first seq cannot be read go last; their first line will be the break.
     ordered = sorted(starts, key=lambda p: (starts[p] is None, starts[p] or 0, str(p)))
     state = _Verifier(expect_head)
     notes = [f"{p}: empty, skipped" for p in unique if sizes[p] == 0]
+    notes += [f"{p}: the log's lock file, skipped" for p in locks]
     broke: ChainBreak | None = None
     last_file, last_line = "", 0
     for path in ordered:

@@ -1,15 +1,16 @@
 """Soak: a mixed load against `cohortgate serve` for a configurable time, reporting resident
 memory over time, open file descriptors and event-loop lag.
 
-    .venv/bin/python -m tests.bench.soak --minutes 10 [--concurrency 16] [--redis URL]
+    .venv/bin/python -m tests.bench.soak --minutes 10 [--concurrency 16] [--customers 200]
 
 The load mixes JSON completions, streams, denials (bad and unapproved tokens) and clients that
 abort mid-stream. The gate runs as a subprocess in front of the stand-in upstream (in this
 process, on its own thread). Every 10 s it samples the gate's VmRSS (/proc/PID/status), its
 open descriptors (/proc/PID/fd) and the time /healthz takes on the admin listener, which runs
 on the gate's event loop (so it measures the loop's lag). At the end: the samples, RSS growth
-over the second half, and descriptors against the baseline. Traffic goes to 127.0.0.1 only; the
-run stops by itself.
+over the second half, descriptors against the baseline, and the decision log (every rotated
+file, its hash chain verified) against the requests sent: one line each. Traffic goes to
+127.0.0.1 only; the run stops by itself.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+from cohortgate.audit import rotated_files
+from cohortgate.audit import verify_chain
 from cohortgate.keys import init_keys
 from cohortgate.standin import StandinThread
 from tests.conftest import Authority
@@ -158,9 +161,14 @@ def main(argv: list[str] | None = None) -> int:
           f"second-half spread {growth * 100:.1f}% (target <= 10%)")
     print(f"fds: baseline {base_fds}, end {end_fds} (target: back to baseline)")
     print(f"loop lag: median {statistics.median(lags):.1f} ms, max {lags[-1]:.1f} ms")
-    lines = sum(1 for _ in gate.log.open())
-    print(f"decision log: {lines} lines for {sum(counts.values())} requests")
-    ok = growth <= 0.10 and end_fds <= base_fds + 2
+    files = rotated_files(gate.log)
+    chain = verify_chain(files)
+    requests = sum(counts.values())
+    print(f"decision log: {chain.lines} lines in {len(files)} files (rotated at "
+          f"rotate_bytes) for {requests} requests; chain "
+          + ("verified" if chain.ok else f"BROKEN: {chain.breaks}"))
+    ok = (growth <= 0.10 and end_fds <= base_fds + 2 and chain.ok
+          and chain.lines == requests)
     print("RESULT: " + ("flat" if ok else "NOT flat"))
     return 0 if ok else 1
 
