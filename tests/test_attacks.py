@@ -1473,6 +1473,35 @@ class TestOversizedRequests:
         grown = max(peak) - baseline
         assert grown <= 50 * self.MEGABYTE, f"RSS grew {grown >> 20} MB"
 
+    def test_bytes_piled_behind_a_pending_response_are_bounded(self, gate: Gate,
+                                                                 keys: Keys) -> None:
+        """mitmproxy keeps what a client sends while its response is pending (it does not
+        pipeline): 200 MB behind a slow stream grew the proxy by 200 MB. Past one more request
+        (MAX_HEAD_BYTES + body_limit) the connection is closed; the stream ends as aborted."""
+        gate.upstream.interval = 0.3
+        body = json.dumps({"model": "gpt-5.6", "stream": True,
+                           "messages": [{"role": "user", "content": "Say hello."}]}).encode()
+        data = request_bytes(token=keys.token(sub="piler"), body=body)
+        before = rss_bytes(gate.proc.pid)
+        sent = 0
+        with socket.create_connection(("127.0.0.1", gate.port), 10) as s:
+            s.sendall(data)
+            s.settimeout(5)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")  # the stream has begun
+            with contextlib.suppress(OSError):  # the proxy closing on us is the defence
+                while sent < 64 * self.MEGABYTE:
+                    s.sendall(b"x" * self.MEGABYTE)
+                    sent += self.MEGABYTE
+        assert sent <= 24 * self.MEGABYTE, f"the proxy kept reading: {sent >> 20} MB"
+        assert rss_bytes(gate.proc.pid) - before <= 40 * self.MEGABYTE
+        deadline = time.monotonic() + 5
+        while not (lines := [x for x in gate.log_lines() if x["customer"] == "piler"]):
+            assert time.monotonic() < deadline, "no decision line for the aborted stream"
+            time.sleep(0.05)
+        (line,) = lines
+        assert (line["decision"], line["outcome"]) == ("allow", "aborted")
+        assert gate.proc.poll() is None
+
     def test_endless_chunked_body_of_a_refused_request_is_cut_at_body_limit(
             self, gate: Gate) -> None:
         """The dropped body of a refused request may not hold the connection forever."""

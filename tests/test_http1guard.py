@@ -22,6 +22,7 @@ def test_install_patches_both_and_is_idempotent() -> None:
     stream, server = http_layers.HttpStream, _http1.Http1Server
     assert stream.state_wait_for_request_headers is http1guard._answer_before_body
     assert server.read_headers is http1guard._bounded_read_headers
+    assert server.wait is http1guard._bounded_wait
     # the originals kept are mitmproxy's, not a wrapper wrapping itself
     original = http1guard._ORIGINAL["state_wait_for_request_headers"]
     assert original is not http1guard._answer_before_body
@@ -45,6 +46,15 @@ def test_mitmproxy_still_reads_the_head_unbounded() -> None:
     source = inspect.getsource(http1guard._ORIGINAL["read_headers"])
     assert "self.buf.maybe_extract_lines()" in source
     assert "FIXME: protect against header size DoS" in source
+
+
+def test_mitmproxy_still_keeps_what_arrives_while_it_waits() -> None:
+    """The wait wrapper relies on the bytes being appended to `buf` before `wait` runs, and
+    on `wait` dropping nothing of them (they are the next request)."""
+    handle = inspect.getsource(_http1.Http1Connection._handle_event)
+    assert "self.buf += event.data" in handle
+    wait = inspect.getsource(http1guard._ORIGINAL["wait"])
+    assert "if isinstance(event, events.DataReceived):\n            return" in wait
 
 
 def test_431_page_is_json_and_counted() -> None:

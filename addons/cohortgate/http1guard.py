@@ -1,4 +1,4 @@
-"""Two limits mitmproxy's HTTP/1 server lacks, added where they must act: before the body.
+"""Three limits mitmproxy's HTTP/1 server lacks, added where they must act: before the body.
 
 1. A request refused in `requestheaders` is answered at once. mitmproxy writes a response set
    in that hook only after it has read, and buffered, the whole request body (up to
@@ -13,10 +13,16 @@
    is closed; like malformed HTTP, such a request has no identity to log and is counted in the
    metrics. The 64 KiB limit of the header fields (addon.check_header_fields, with a decision
    line) still applies below this one.
+3. What a client sends on its connection while its response is pending (mitmproxy does not
+   pipeline, it keeps the bytes for later) is bounded by one more request (MAX_HEAD_BYTES +
+   body_limit): past that the connection is closed, and the pending request ends as a client
+   that left (`outcome: aborted`). Unbounded, a slow stream and a fast sender grew the proxy by
+   the 200 MB sent.
 
-Both wrap private methods of mitmproxy (`HttpStream.state_wait_for_request_headers`,
-`Http1Server.read_headers`), like errorpage.py: the version is pinned in pyproject.toml and
-tests/test_http1guard.py fails if an upgrade renames them or changes the states they rely on.
+All three wrap private methods of mitmproxy (`HttpStream.state_wait_for_request_headers`,
+`Http1Server.read_headers`, `Http1Server.wait`), like errorpage.py: the version is pinned in
+pyproject.toml and tests/test_http1guard.py fails if an upgrade renames them or changes the
+states they rely on.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections.abc import Callable
 from collections.abc import Generator
 from typing import Any
 
+from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import version
 from mitmproxy.proxy import commands
 from mitmproxy.proxy import events
@@ -99,6 +106,16 @@ def _bounded_read_headers(self: Any, event: events.ConnectionEvent) -> _Commands
         self.state = self.done
 
 
+def _bounded_wait(self: Any, event: events.Event) -> _Commands:
+    """Http1Server.wait (request read, response pending) with a limit on what piles up."""
+    yield from _ORIGINAL["wait"](self, event)
+    if isinstance(event, events.DataReceived) and self.state == self.wait:
+        body_limit = human.parse_size(self.context.options.body_size_limit)
+        if len(self.buf) > MAX_HEAD_BYTES + (body_limit or 0):
+            self.buf = ReceiveBuffer()  # freed now, not when the connection is collected
+            yield commands.CloseConnection(self.conn)
+
+
 def install() -> None:
     """Patch mitmproxy's HTTP/1 server; idempotent. Fails loudly on an unknown mitmproxy."""
     errorpage.install()  # the 431 page is errorpage's
@@ -107,7 +124,8 @@ def install() -> None:
     missing = [f"{cls.__name__}.{name}" for cls, name in (
         (_Stream, "state_wait_for_request_headers"), (_Stream, "state_consume_request_body"),
         (_Stream, "send_response"), (_Stream, "flow_done"), (_Stream, "check_killed"),
-        (_Server, "read_headers"), (_Server, "done")) if not callable(getattr(cls, name, None))]
+        (_Server, "read_headers"), (_Server, "wait"), (_Server, "done"))
+        if not callable(getattr(cls, name, None))]
     if missing:
         raise RuntimeError(
             f"mitmproxy {version.VERSION} lacks {', '.join(missing)}: cohortgate cannot answer "
@@ -115,7 +133,9 @@ def install() -> None:
             "pyproject.toml")
     _ORIGINAL["state_wait_for_request_headers"] = _Stream.state_wait_for_request_headers
     _ORIGINAL["read_headers"] = _Server.read_headers
+    _ORIGINAL["wait"] = _Server.wait
     _Stream.state_wait_for_request_headers = _answer_before_body  # type: ignore[method-assign]
     discard = expect(RequestData, RequestTrailers, RequestEndOfMessage)(_discard_request_body)
     _Stream.state_discard_request_body = discard  # type: ignore[attr-defined]
     _Server.read_headers = _bounded_read_headers  # type: ignore[method-assign]
+    _Server.wait = _bounded_wait  # type: ignore[method-assign]
