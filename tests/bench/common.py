@@ -443,6 +443,13 @@ def probe(url: str, token: str, body: str = CHAT_REQUEST) -> tuple[int, str]:
         return e.code, e.read().decode(errors="replace")
 
 
+def check_approved(url: str, token: str, label: str = "the gate") -> None:
+    """Fail early, with the answer, when `url` does not serve an approved request."""
+    status, body = probe(url, token)
+    if status != 200:
+        raise BenchError(f"{label} refused an approved request ({status}): {body[:500]}")
+
+
 # ---- wrk --------------------------------------------------------------------------------------
 
 

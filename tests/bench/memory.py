@@ -19,9 +19,9 @@ from tests.bench.common import BenchError
 from tests.bench.common import Gate
 from tests.bench.common import Processes
 from tests.bench.common import Tokens
+from tests.bench.common import check_approved
 from tests.bench.common import ensure_debian_packages
 from tests.bench.common import fmt
-from tests.bench.common import probe
 from tests.bench.common import rss_kib
 from tests.bench.common import run_wrk
 from tests.bench.common import start_gate
@@ -56,9 +56,7 @@ def run() -> dict[str, Any]:
         tokens = Tokens.issue(workdir, CUSTOMERS)
         nginx_port = start_nginx(procs, workdir)
         gate = start_gate(procs, workdir, upstream_port=nginx_port, jwks=tokens.jwks)
-        status, body = probe(gate.url, tokens.tokens[0])
-        if status != 200:
-            raise BenchError(f"the gate refused an approved request ({status}): {body[:500]}")
+        check_approved(gate.url, tokens.tokens[0])
         checkpoints: list[dict[str, Any]] = [
             {"requests": decided(gate), "rss_kib": rss_kib(gate.pid), "rps": float("nan")}]
         for _ in range(LEGS):

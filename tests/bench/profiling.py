@@ -27,10 +27,10 @@ from typing import Final
 from tests.bench.common import BenchError
 from tests.bench.common import Processes
 from tests.bench.common import Tokens
+from tests.bench.common import check_approved
 from tests.bench.common import cpu_seconds
 from tests.bench.common import ensure_debian_packages
 from tests.bench.common import fmt
-from tests.bench.common import probe
 from tests.bench.common import run_wrk
 from tests.bench.common import start_gate
 from tests.bench.common import start_nginx
@@ -191,6 +191,8 @@ def _py_spy(procs: Processes, tool: Path, pid: int, out: Path, seconds: float
 
 def run(*, backend: str = "memory", seconds: float = 10.0) -> dict[str, Any]:
     ensure_debian_packages({"nginx": "nginx-light", "wrk": "wrk"})
+    if backend == "redis":
+        ensure_debian_packages({"redis-server": "redis-server"})
     tool = _ensure_py_spy()
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -207,9 +209,7 @@ def run(*, backend: str = "memory", seconds: float = 10.0) -> dict[str, Any]:
         prefix = () if tool else ("-m", "cProfile", "-o", str(cprofile_out))
         gate = start_gate(procs, workdir, upstream_port=nginx_port, jwks=tokens.jwks,
                           backend=limiter, python_args=prefix)
-        status, body = probe(gate.url, tokens.tokens[0])
-        if status != 200:
-            raise BenchError(f"the gate refused an approved request ({status}): {body[:500]}")
+        check_approved(gate.url, tokens.tokens[0])
         run_wrk(procs, gate.url, tokens.file, seconds=3, connections=CONNECTIONS)  # warm up
         raw_out = OUT_DIR / f"profile-{stamp}.txt"
         spy = _py_spy(procs, tool, gate.pid, raw_out, seconds) if tool else None

@@ -24,11 +24,11 @@ from tests.bench.common import BenchError
 from tests.bench.common import Processes
 from tests.bench.common import Tokens
 from tests.bench.common import WrkResult
+from tests.bench.common import check_approved
 from tests.bench.common import cpu_seconds
 from tests.bench.common import ensure_debian_packages
 from tests.bench.common import fmt
 from tests.bench.common import median
-from tests.bench.common import probe
 from tests.bench.common import run_wrk
 from tests.bench.common import start_bare_mitmdump
 from tests.bench.common import start_gate
@@ -148,12 +148,6 @@ def _figures(m: Measured) -> dict[str, float]:
             "errors": w.non2xx + w.socket_errors}
 
 
-def _check_allowed(url: str, label: str, tokens: Tokens) -> None:
-    status, body = probe(url, tokens.tokens[0])
-    if status != 200:
-        raise BenchError(f"{label} refused an approved request ({status}): {body[:500]}")
-
-
 def run(*, backend: str, modes: Sequence[Mode], rounds: int,
         seconds: float) -> list[dict[str, Any]]:
     """Start nginx, the gate and the bare mitmdump (and redis-server for backend "redis"),
@@ -175,8 +169,8 @@ def run(*, backend: str, modes: Sequence[Mode], rounds: int,
         bare_port, bare = start_bare_mitmdump(procs, workdir, nginx_port)
         a = Target("A cohortgate serve", gate.url, gate.pid)
         b = Target("B bare mitmdump", f"http://127.0.0.1:{bare_port}", bare.pid)
-        _check_allowed(a.url, a.label, tokens)
-        _check_allowed(b.url, b.label, tokens)
+        check_approved(a.url, tokens.tokens[0], a.label)
+        check_approved(b.url, tokens.tokens[0], b.label)
         for target in (a, b):  # warm both: connections, caches, the CA mitmdump generated
             measure(procs, target, tokens, THROUGHPUT, WARMUP_SECONDS)
         results = [compare(procs, a, b, tokens, mode, rounds=rounds, seconds=seconds,
