@@ -70,11 +70,9 @@ local function step(key, mode, rpm, tpm, amount)
       tokens = tokens - amount
       store()
     end
-  elseif mode == "settle" then
+  else  -- "settle" (the modes are checked before any step runs)
     tokens = math.min(tpm, tokens - amount)
     store()
-  else
-    return nil
   end
   return refused, string.format("%.17g", requests), string.format("%.17g", tokens)
 end

@@ -96,7 +96,7 @@ class _Op:
     """One queued decision or correction, and the future its caller waits on."""
 
     mode: str
-    key: str
+    key: str  # the Redis key: redis_key() of the caller's key
     quota: Quota
     amount: int
     future: asyncio.Future[_Reply]
@@ -169,7 +169,7 @@ class RedisLimiter(Limiter):
         `now=False`) by the next operation that is, or after SETTLE_DELAY."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_Reply] = loop.create_future()
-        self._queue.append(_Op(mode, key, quota, amount, future))
+        self._queue.append(_Op(mode, redis_key(key), quota, amount, future))
         if now:
             self._start_sender()
         elif self._flush_timer is None:
@@ -207,7 +207,7 @@ class RedisLimiter(Limiter):
             if isinstance(self._client, RedisCluster):
                 groups: dict[int, list[_Op]] = {}
                 for op in batch:
-                    groups.setdefault(key_slot(redis_key(op.key).encode()), []).append(op)
+                    groups.setdefault(key_slot(op.key.encode()), []).append(op)
                 replies = await asyncio.gather(
                     *(self._cluster_call(group) for group in groups.values()))
                 ordered = [op for group in groups.values() for op in group]
@@ -238,8 +238,7 @@ class RedisLimiter(Limiter):
         args: list[str | int] = [self._now()]
         for op in ops:
             args += (op.mode, op.quota.rpm, op.quota.tpm, op.amount)
-        reply: list[bytes | int] = await self._script(
-            keys=[redis_key(op.key) for op in ops], args=args)
+        reply: list[bytes | int] = await self._script(keys=[op.key for op in ops], args=args)
         return reply
 
     async def acquire(self, key: str, quota: Quota, tokens: int) -> Decision:
