@@ -263,6 +263,16 @@ def talk(port: int, data: bytes, finals: int = 1, idle: float = 3.0) -> bytes:
     return received
 
 
+def next_response(s: socket.socket) -> Response:
+    """Read one whole final response from an open connection (it must not close first)."""
+    received = b""
+    while not (finals := [r for r in parse_responses(received) if r.status >= 200]):
+        data = s.recv(65536)
+        assert data, f"closed after {received!r}"
+        received += data
+    return finals[0]
+
+
 class LogCursor:
     """Reads the decision lines written after the cursor was made (complete lines only)."""
 
@@ -1408,12 +1418,7 @@ class TestOversizedRequests:
             interim = s.recv(65536)
             assert interim.startswith(b"HTTP/1.1 100 "), interim
             s.sendall(CHAT_BODY)
-            received = b""
-            while not parse_responses(received):
-                data = s.recv(65536)
-                assert data, received
-                received += data
-        (response,) = parse_responses(received)
+            response = next_response(s)
         assert response.status == 200
         assert gate.upstream.requests[-1].body == CHAT_BODY
 
@@ -1508,19 +1513,15 @@ class TestOversizedRequests:
         head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gate.example\r\n"
                 b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
         chunk = b"%x\r\n%s\r\n" % (self.MEGABYTE, b"x" * self.MEGABYTE)
-        sent, received = 0, b""
+        sent = 0
         with socket.create_connection(("127.0.0.1", gate.port), 10) as s:
             s.sendall(head)
             s.settimeout(5)
-            while not parse_responses(received):  # answered before any of the body
-                data = s.recv(65536)
-                assert data, f"closed after {received!r}"
-                received += data
+            response = next_response(s)  # answered before any of the body
             with contextlib.suppress(OSError):
                 while sent < 64 * self.MEGABYTE:
                     s.sendall(chunk)
                     sent += self.MEGABYTE
-        (response,) = parse_responses(received)
         assert (response.status, response.code) == (401, "missing_token")
         assert 16 * self.MEGABYTE <= sent <= 24 * self.MEGABYTE, sent >> 20
         assert gate.proc.poll() is None
