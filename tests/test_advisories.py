@@ -124,11 +124,16 @@ def test_cve_2015_9235_alg_none_cannot_be_configured() -> None:
 
 def public_key_encodings(kid: str) -> dict[str, bytes]:
     """Every form of `kid`'s public key an attacker might use as an HMAC secret."""
-    public = PRIVATE[kid].public_key()
+    jwk = next(j for j in JWKS if j["kid"] == kid)
+    return key_spellings(PRIVATE[kid].public_key(), jwk, json.dumps({"keys": JWKS}).encode())
+
+
+def key_spellings(public: Any, jwk: dict[str, Any], jwks: bytes) -> dict[str, bytes]:
+    """Every spelling of a public key (with its JWK and the trust store's JWKS document) that
+    an attacker might use as an HMAC secret."""
     pem = public.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    jwk = next(j for j in JWKS if j["kid"] == kid)
     forms = {
         "pem": pem,
         "pem_crlf": pem.replace(b"\n", b"\r\n"),
@@ -143,7 +148,7 @@ def public_key_encodings(kid: str) -> dict[str, bytes]:
         ),
         "jwk_json": json.dumps(jwk).encode(),
         "jwk_json_compact_sorted": json.dumps(jwk, separators=(",", ":"), sort_keys=True).encode(),
-        "jwks_json": json.dumps({"keys": JWKS}).encode(),
+        "jwks_json": jwks,
     }
     if isinstance(public, rsa.RSAPublicKey):
         # CVE-2017-11424: "-----BEGIN RSA PUBLIC KEY-----" slipped past pyjwt's PEM blocklist

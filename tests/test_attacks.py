@@ -37,8 +37,6 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID
 from cryptography.x509.oid import NameOID
 
@@ -62,6 +60,7 @@ from tests.conftest import Gate
 from tests.conftest import parse_response
 from tests.conftest import start_gate
 from tests.test_advisories import hmac_signer
+from tests.test_advisories import key_spellings
 from tests.test_advisories import replace_segment
 from tests.test_advisories import sign_with
 from tests.test_advisories import signature_bytes
@@ -521,30 +520,8 @@ def trap() -> Iterator[Trap]:
 def public_key_forms(keys: Keys, kid: str) -> dict[str, bytes]:
     """Every spelling of a trusted public key an attacker might use as an HMAC secret."""
     private = keys.rsa if kid == keys.rsa_kid else keys.ed
-    public = private.public_key()
-    pem = public.public_bytes(serialization.Encoding.PEM,
-                              serialization.PublicFormat.SubjectPublicKeyInfo)
-    jwk = keys.jwk(kid)
-    forms = {
-        "pem": pem,
-        "pem_crlf": pem.replace(b"\n", b"\r\n"),
-        "pem_no_final_newline": pem.rstrip(b"\n"),
-        "pem_trailing_spaces": pem.replace(b"\n", b" \n"),
-        "pem_body_only": b"".join(pem.splitlines()[1:-1]),
-        "der": public.public_bytes(serialization.Encoding.DER,
-                                   serialization.PublicFormat.SubjectPublicKeyInfo),
-        "jwk_json": json.dumps(jwk).encode(),
-        "jwk_json_compact_sorted": json.dumps(jwk, separators=(",", ":"),
-                                              sort_keys=True).encode(),
-        "jwks_json": keys.authority.jwks.read_bytes(),
-    }
-    if isinstance(public, rsa.RSAPublicKey):  # CVE-2017-11424: the PKCS1 PEM header
-        forms["pkcs1_pem"] = public.public_bytes(serialization.Encoding.PEM,
-                                                 serialization.PublicFormat.PKCS1)
-    if isinstance(public, ed25519.Ed25519PublicKey):
-        forms["raw"] = public.public_bytes(serialization.Encoding.Raw,
-                                           serialization.PublicFormat.Raw)
-    return forms
+    return key_spellings(private.public_key(), keys.jwk(kid),
+                         keys.authority.jwks.read_bytes())
 
 
 FORMS = ["pem", "pem_crlf", "pem_no_final_newline", "pem_trailing_spaces", "pem_body_only",
