@@ -16,36 +16,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
+from cohortgate import demo
+
 __all__ = ["RedisCluster", "RedisServer", "free_port", "redis_cluster", "redis_server"]
 
 _RESERVED: Final = frozenset({6379, 16379})  # the shared Redis and its cluster bus
 _START_TIMEOUT: Final = 10.0
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def free_port(*, cluster_bus: bool = False) -> int:
-    """A port free on 127.0.0.1 now; with `cluster_bus`, port + 10000 is free too."""
+    """A port free on 127.0.0.1 now; with `cluster_bus`, port + 10000 is free too.
+
+    Never a port this process was given before (cohortgate.demo.free_port keeps the record).
+    """
+    if not cluster_bus:
+        return demo.free_port()
     for _ in range(1000):
-        if cluster_bus:
-            port = random.randint(20000, 55000)
-        else:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = int(s.getsockname()[1])
-        if port in _RESERVED or not _bindable(port):
+        port = random.randint(20000, 55000)
+        if {port, port + 10000} & _RESERVED:
             continue
-        if cluster_bus and (port + 10000 in _RESERVED or not _bindable(port + 10000)):
-            continue
-        return port
-    raise RuntimeError("no free port found")
+        if (demo.port_is_free(port) and demo.port_is_free(port + 10000)
+                and demo.claim_port(port) and demo.claim_port(port + 10000)):
+            return port
+    raise RuntimeError("no free port pair (port, port + 10000) found")
 
 
 def _ping(port: int, timeout: float = 0.5) -> bool:

@@ -184,3 +184,10 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "AuthenticationError 401 code='invalid_signature'" in out
     assert "upstream saw 2 requests" in out
     assert out.count('"decision": "allow"') == 2 and out.count('"decision": "deny"') == 2
+
+
+def test_free_port_never_gives_the_same_port_twice() -> None:
+    # CI once started a gate whose config named one port for `listen` and `admin_listen`:
+    # two bind(port 0) calls in a row got the same port from the kernel.
+    ports = [free_port() for _ in range(2000)]
+    assert len(set(ports)) == len(ports)

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
 
+from cohortgate.demo import free_port
 from cohortgate.policy import Revocations
 from cohortgate.revocation_sync import CHANNEL
 from cohortgate.revocation_sync import CUSTOMERS_KEY
@@ -40,13 +40,6 @@ LOGGER = "cohortgate.revocations"
 
 
 # ---- throwaway redis-servers ----------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
 
 def redis_cli(port: int, *args: str) -> str:
     out = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args],

@@ -31,11 +31,31 @@ AUDIENCE = "gpt-5.6"
 MODEL = "gpt-5.6"
 
 
+_handed_out: set[tuple[str, int]] = set()
+
+
+def claim_port(port: int, host: str = "127.0.0.1") -> bool:
+    """Record `port` as given out by this process; False when it was given out before."""
+    if (host, port) in _handed_out:
+        return False
+    _handed_out.add((host, port))
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port nothing listens on now, never one this process was given before.
+
+    The kernel may hand the same free port to two `bind(port 0)` calls in a row (a config
+    would then name one port for both `listen` and `admin_listen`), so ports already given
+    out are skipped.
+    """
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port: int = s.getsockname()[1]
+        if claim_port(port, host):
+            return port
+    raise RuntimeError(f"no free port on {host} that this process has not used already")
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
