@@ -533,7 +533,7 @@ class TestRemoteJwks:
         started = time.monotonic()
         assert remote.refresh_soon() is True
         assert remote.refresh_soon() is False  # one is running already
-        assert time.monotonic() - started < 0.05
+        assert time.monotonic() - started < 0.2  # the stalled fetch would never answer
         await until(lambda: server.requests == ["/jwks.json"])
 
     async def test_malformed_key_is_skipped_and_the_good_one_used(

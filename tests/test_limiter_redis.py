@@ -428,7 +428,7 @@ async def test_redis_killed_and_restarted(server: RedisServer, on_error: str) ->
         assert states.calls[0][1]  # says why
         for _ in range(20):  # while down, Redis is not even tried
             spent, outcome = await timed_acquire(limiter, "acme", quota)
-            assert spent < 0.01
+            assert spent < TIMEOUT / 2  # far from the timeout a try on a stalled Redis costs
         if on_error == "local":  # the local buckets still limit: 3 a minute
             assert isinstance(outcome, Decision)
             assert (outcome.allowed, outcome.refused) == (False, "requests")
@@ -461,7 +461,7 @@ async def test_redis_stalled(server: RedisServer, on_error: str) -> None:
         assert "timed out" in states.calls[0][1]
         for _ in range(20):
             spent, outcome = await timed_acquire(limiter, "acme", quota)
-            assert spent < 0.01
+            assert spent < TIMEOUT / 2  # far from the timeout a try on a stalled Redis costs
             check_fallback(on_error, outcome)
 
         await asyncio.to_thread(sleeper.wait)
@@ -509,7 +509,7 @@ async def test_settle_goes_to_the_backend_that_decided(server: RedisServer, admi
         started = time.perf_counter()
         await limiter.settle("acme", quota, 500, "redis")  # Redis is down: dropped, no wait
         await limiter.settle("acme", quota, 500, "open")  # nothing to correct
-        assert time.perf_counter() - started < 0.01
+        assert time.perf_counter() - started < TIMEOUT / 2
         assert (await limiter.acquire("acme", quota, 0)).tokens.remaining == 400
     finally:
         await limiter.close()
