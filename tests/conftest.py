@@ -17,6 +17,7 @@ from typing import Any
 
 import openai
 import pytest
+from hypothesis import settings
 
 from cohortgate.demo import free_port
 from cohortgate.keys import init_keys
@@ -27,6 +28,11 @@ from cohortgate.standin import StandinUpstream
 ISSUER = "https://approvals.example.gov"
 AUDIENCE = "gpt-5.6"
 REPO = Path(__file__).resolve().parent.parent
+
+# No per-example deadline: a noisy CI machine can pause a pure helper past hypothesis' 200 ms
+# default, which would fail a property that holds. Correctness is asserted, not speed.
+settings.register_profile("cohortgate", deadline=None)
+settings.load_profile("cohortgate")
 
 
 def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
