@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +38,7 @@ from typing import Self
 from cohortgate.keys import init_keys
 from cohortgate.keys import issue_token
 from tests.redis_server import free_port
+from tests.redis_server import redis_server
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
 REPO: Final = BENCH_DIR.parent.parent
@@ -565,3 +567,34 @@ def machine_summary() -> str:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"{cpu}, {os.cpu_count()} vCPU, {platform.system()} {platform.release()}; "
             f"Python {platform.python_version()}, mitmproxy {mitmproxy}; load average {load}")
+
+
+@dataclass(frozen=True)
+class Bench:
+    """What a gate benchmark runs against: see `bench_setup`."""
+
+    workdir: Path
+    procs: Processes
+    tokens: Tokens
+    nginx_port: int
+    limiter: str  # "memory", or the URL of the redis-server started for the run
+
+
+@contextlib.contextmanager
+def bench_setup(backend: str, customers: int) -> Iterator[Bench]:
+    """Install nginx and wrk (and redis-server for backend "redis") where missing, then in a
+    scratch folder: tokens for `customers`, nginx serving the fixed completion, and for
+    "redis" a redis-server of the run's own. Everything started is stopped on exit."""
+    ensure_debian_packages({"nginx": "nginx-light", "wrk": "wrk"})
+    if backend == "redis":
+        ensure_debian_packages({"redis-server": "redis-server"})
+    with tempfile.TemporaryDirectory(prefix="cohortgate-bench-") as tmp, \
+            contextlib.ExitStack() as stack:
+        workdir = Path(tmp)
+        procs = stack.enter_context(Processes())
+        tokens = Tokens.issue(workdir, customers)
+        nginx_port = start_nginx(procs, workdir)
+        limiter = "memory"
+        if backend == "redis":
+            limiter = stack.enter_context(redis_server(workdir / "redis")).url
+        yield Bench(workdir, procs, tokens, nginx_port, limiter)

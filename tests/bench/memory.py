@@ -9,23 +9,18 @@ leg. The decision log's last `seq` gives the number of requests the gate actuall
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 from typing import Final
 
 from tests.bench.common import BenchError
 from tests.bench.common import Gate
-from tests.bench.common import Processes
-from tests.bench.common import Tokens
+from tests.bench.common import bench_setup
 from tests.bench.common import check_approved
-from tests.bench.common import ensure_debian_packages
 from tests.bench.common import fmt
 from tests.bench.common import rss_kib
 from tests.bench.common import run_wrk
 from tests.bench.common import start_gate
-from tests.bench.common import start_nginx
 from tests.bench.common import table
 
 __all__ = ["run"]
@@ -48,14 +43,12 @@ def decided(gate: Gate) -> int:
 
 
 def run() -> dict[str, Any]:
-    ensure_debian_packages({"nginx": "nginx-light", "wrk": "wrk"})
-    with tempfile.TemporaryDirectory(prefix="cohortgate-bench-") as tmp, Processes() as procs:
-        workdir = Path(tmp)
-        print(f"\n== memory: {LEGS} x {LEG:,} requests from {CUSTOMERS:,} customers, "
-              f"wrk -t1 -c{CONNECTIONS}, in-memory limiter ==", flush=True)
-        tokens = Tokens.issue(workdir, CUSTOMERS)
-        nginx_port = start_nginx(procs, workdir)
-        gate = start_gate(procs, workdir, upstream_port=nginx_port, jwks=tokens.jwks)
+    print(f"\n== memory: {LEGS} x {LEG:,} requests from {CUSTOMERS:,} customers, "
+          f"wrk -t1 -c{CONNECTIONS}, in-memory limiter ==", flush=True)
+    with bench_setup("memory", CUSTOMERS) as bench:
+        procs, tokens = bench.procs, bench.tokens
+        gate = start_gate(procs, bench.workdir, upstream_port=bench.nginx_port,
+                          jwks=tokens.jwks)
         check_approved(gate.url, tokens.tokens[0])
         checkpoints: list[dict[str, Any]] = [
             {"requests": decided(gate), "rss_kib": rss_kib(gate.pid), "rps": float("nan")}]

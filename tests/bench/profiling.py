@@ -16,7 +16,6 @@ import contextlib
 import pstats
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -26,17 +25,14 @@ from typing import Final
 
 from tests.bench.common import BenchError
 from tests.bench.common import Processes
-from tests.bench.common import Tokens
+from tests.bench.common import bench_setup
 from tests.bench.common import check_approved
 from tests.bench.common import cpu_seconds
-from tests.bench.common import ensure_debian_packages
 from tests.bench.common import fmt
 from tests.bench.common import run_wrk
 from tests.bench.common import start_gate
-from tests.bench.common import start_nginx
 from tests.bench.common import table
 from tests.bench.common import venv_tool
-from tests.redis_server import redis_server
 
 __all__ = ["analyse_raw", "category", "run"]
 
@@ -190,25 +186,15 @@ def _py_spy(procs: Processes, tool: Path, pid: int, out: Path, seconds: float
 
 
 def run(*, backend: str = "memory", seconds: float = 10.0) -> dict[str, Any]:
-    ensure_debian_packages({"nginx": "nginx-light", "wrk": "wrk"})
-    if backend == "redis":
-        ensure_debian_packages({"redis-server": "redis-server"})
     tool = _ensure_py_spy()
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    with tempfile.TemporaryDirectory(prefix="cohortgate-bench-") as tmp, \
-            contextlib.ExitStack() as stack:
-        workdir = Path(tmp)
-        procs = stack.enter_context(Processes())
-        tokens = Tokens.issue(workdir, CUSTOMERS)
-        nginx_port = start_nginx(procs, workdir)
-        limiter = "memory"
-        if backend == "redis":
-            limiter = stack.enter_context(redis_server(workdir / "redis")).url
+    with bench_setup(backend, CUSTOMERS) as bench:
+        procs, tokens = bench.procs, bench.tokens
         cprofile_out = OUT_DIR / f"profile-{stamp}.prof"
         prefix = () if tool else ("-m", "cProfile", "-o", str(cprofile_out))
-        gate = start_gate(procs, workdir, upstream_port=nginx_port, jwks=tokens.jwks,
-                          backend=limiter, python_args=prefix)
+        gate = start_gate(procs, bench.workdir, upstream_port=bench.nginx_port,
+                          jwks=tokens.jwks, backend=bench.limiter, python_args=prefix)
         check_approved(gate.url, tokens.tokens[0])
         run_wrk(procs, gate.url, tokens.file, seconds=3, connections=CONNECTIONS)  # warm up
         raw_out = OUT_DIR / f"profile-{stamp}.txt"

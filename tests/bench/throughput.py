@@ -11,12 +11,9 @@ the ratio within each round, and its median over the rounds.
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from typing import Final
 
@@ -24,17 +21,15 @@ from tests.bench.common import BenchError
 from tests.bench.common import Processes
 from tests.bench.common import Tokens
 from tests.bench.common import WrkResult
+from tests.bench.common import bench_setup
 from tests.bench.common import check_approved
 from tests.bench.common import cpu_seconds
-from tests.bench.common import ensure_debian_packages
 from tests.bench.common import fmt
 from tests.bench.common import median
 from tests.bench.common import run_wrk
 from tests.bench.common import start_bare_mitmdump
 from tests.bench.common import start_gate
-from tests.bench.common import start_nginx
 from tests.bench.common import table
-from tests.redis_server import redis_server
 
 __all__ = ["LATENCY", "THROUGHPUT", "Mode", "run"]
 
@@ -152,21 +147,11 @@ def run(*, backend: str, modes: Sequence[Mode], rounds: int,
         seconds: float) -> list[dict[str, Any]]:
     """Start nginx, the gate and the bare mitmdump (and redis-server for backend "redis"),
     then compare them in each mode. Everything started is stopped before returning."""
-    ensure_debian_packages({"nginx": "nginx-light", "wrk": "wrk"})
-    if backend == "redis":
-        ensure_debian_packages({"redis-server": "redis-server"})
-    with tempfile.TemporaryDirectory(prefix="cohortgate-bench-") as tmp, \
-            contextlib.ExitStack() as stack:
-        workdir = Path(tmp)
-        procs = stack.enter_context(Processes())
-        tokens = Tokens.issue(workdir, CUSTOMERS)
-        nginx_port = start_nginx(procs, workdir)
-        limiter = "memory"
-        if backend == "redis":
-            limiter = stack.enter_context(redis_server(workdir / "redis")).url
-        gate = start_gate(procs, workdir, upstream_port=nginx_port, jwks=tokens.jwks,
-                          backend=limiter)
-        bare_port, bare = start_bare_mitmdump(procs, workdir, nginx_port)
+    with bench_setup(backend, CUSTOMERS) as bench:
+        procs, tokens = bench.procs, bench.tokens
+        gate = start_gate(procs, bench.workdir, upstream_port=bench.nginx_port,
+                          jwks=tokens.jwks, backend=bench.limiter)
+        bare_port, bare = start_bare_mitmdump(procs, bench.workdir, bench.nginx_port)
         a = Target("A cohortgate serve", gate.url, gate.pid)
         b = Target("B bare mitmdump", f"http://127.0.0.1:{bare_port}", bare.pid)
         check_approved(a.url, tokens.tokens[0], a.label)
